@@ -1,0 +1,311 @@
+"""Guidance functions: ``z -> eps_tilde(z) = eps(z, cond) - eps(z, uncond)`` at the first sampling noise level.
+
+The core accepts ANY callable with that contract (users may bring their own model). The builders here return a
+:class:`Guidance`, which is such a callable and adds what the methods use when present:
+
+- ``pair(z) -> (cond_part, uncond_part)`` whose difference is ``eps_tilde`` (lets the fused op compute the
+  difference and the norm in one pass, and lets the backward run from the model outputs directly);
+- ``select(index) -> Guidance`` restricted to some images (so finished images cost no model evaluation);
+- ``calls``: how many model invocations and model rows it has spent.
+
+Conditioning is opaque: ``cond`` and ``uncond`` are mappings of keyword arguments passed to the model, whose
+tensors (also inside nested dicts, lists and tuples, e.g. A1111's ``{"c_crossattn": [c]}`` or SDXL's
+``{"crossattn": c, "vector": y}``) carry one row per model call along dim 0. Anything that is not a tensor is
+passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import InputError, NotApplicableError
+
+GuidanceFn = Callable[[Tensor], Tensor]
+Conditioning = Mapping[str, Any]
+
+
+# -- rows of opaque conditioning -------------------------------------------------------------------------------
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
+def select_rows(cond: Any, index: Tensor) -> Any:
+    """The rows ``index`` of every tensor in ``cond``."""
+    return _map_tensors(cond, lambda t: t.index_select(0, index.to(t.device)))
+
+
+def num_rows(cond: Any) -> int | None:
+    """The common number of rows of the tensors in ``cond`` (None if it has no tensor).
+
+    Raises InputError if the tensors disagree.
+    """
+    sizes = {t.shape[0] for t in _tensors(cond) if t.dim() > 0}
+    if len(sizes) > 1:
+        raise InputError(f"memsafe: conditioning tensors have different numbers of rows: {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def concat_rows(a: Any, b: Any) -> Any | None:
+    """``a`` and ``b`` stacked row-wise, or None where their structures or trailing shapes differ (e.g. prompts of
+    different token lengths), in which case they must be evaluated in separate calls."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype or a.device != b.device:
+            return None
+        return torch.cat([a, b])
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if a.keys() != b.keys():
+            return None
+        out = {k: concat_rows(a[k], b[k]) for k in a}
+        return None if any(v is None and a[k] is not None for k, v in out.items()) else out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return None
+        out_list = [concat_rows(x, y) for x, y in zip(a, b, strict=True)]
+        return (
+            None
+            if any(v is None and x is not None for v, x in zip(out_list, a, strict=True))
+            else type(a)(out_list)
+        )
+    return a if a is b or a == b else None
+
+
+# -- counting --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelCalls:
+    """Model invocations and rows (one row = one latent through the model) spent by a Guidance."""
+
+    calls: int = 0
+    rows: int = 0
+
+
+# -- the Guidance object ---------------------------------------------------------------------------------------
+EpsFn = Callable[[Tensor, Conditioning], Tensor]  # (z rows, kwargs) -> eps rows, differentiable in z
+
+
+class Guidance:
+    """``eps_tilde`` for a batch of images with fixed conditioning, from a function giving eps for rows of ``z``.
+
+    Image ``i`` has one uncond row (row ``i`` of ``uncond``) and one or more cond rows: row ``r`` of ``cond``
+    belongs to image ``cond_image[r]`` with weight ``cond_weight[r]`` (A1111's ``AND`` prompts), and
+    ``eps_tilde_i = sum_r w_r * (eps(z_i, cond_r) - eps(z_i, uncond_i))``.
+    """
+
+    def __init__(
+        self,
+        eps_fn: EpsFn,
+        cond: Conditioning,
+        uncond: Conditioning,
+        *,
+        cond_image: Tensor | None = None,
+        cond_weight: Tensor | None = None,
+        batched: bool = True,
+        calls: ModelCalls | None = None,
+    ) -> None:
+        for name, c in (("cond", cond), ("uncond", uncond)):
+            if not isinstance(c, Mapping):
+                raise InputError(
+                    f"memsafe: {name} must be a mapping of keyword arguments for the model "
+                    f"(e.g. {{'cond': tensor}}), got {type(c).__name__}"
+                )
+        self._eps_fn = eps_fn
+        self._cond = cond
+        self._uncond = uncond
+        batch = num_rows(uncond)
+        rows = num_rows(cond)
+        if batch is None or rows is None:
+            raise InputError(
+                "memsafe: cond and uncond must contain at least one tensor with one row per call"
+            )
+        if cond_image is None:
+            if rows != batch:
+                raise InputError(
+                    f"memsafe: cond has {rows} rows and uncond {batch}: pass cond_image (the image of each cond row)"
+                )
+            cond_image = torch.arange(batch)
+        cond_image = torch.as_tensor(cond_image, dtype=torch.long).flatten().cpu()
+        if cond_image.numel() != rows or (rows and (cond_image.min() < 0 or cond_image.max() >= batch)):
+            raise InputError(
+                f"memsafe: cond_image must give, for each of the {rows} cond rows, an image in [0, {batch})"
+            )
+        if torch.bincount(cond_image, minlength=batch).min() < 1:
+            raise InputError("memsafe: every image needs at least one cond row")
+        self._identity = (
+            cond_weight is None and rows == batch and bool((cond_image == torch.arange(batch)).all())
+        )
+        weight = (
+            torch.ones(rows) if cond_weight is None else torch.as_tensor(cond_weight, dtype=torch.float32)
+        )
+        if weight.shape != (rows,) or not torch.isfinite(weight).all():
+            raise InputError(f"memsafe: cond_weight must be {rows} finite numbers")
+        self._cond_image = cond_image
+        self._cond_weight = weight.flatten().float().cpu()
+        self._batched = batched
+        self.calls = calls if calls is not None else ModelCalls()
+        self.batch_size = batch
+
+    # -- evaluation --
+    def _eps(self, z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+        out = self._eps_fn(z_rows, kwargs)
+        if not isinstance(out, Tensor) or out.shape != z_rows.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise InputError(
+                f"memsafe: the model returned {got} for input {tuple(z_rows.shape)}; expected the same shape"
+            )
+        self.calls.calls += 1
+        self.calls.rows += z_rows.shape[0]
+        return out
+
+    def pair(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(cond_part, uncond_part)`` with ``cond_part - uncond_part == eps_tilde(z)``, differentiable in ``z``."""
+        if z.dim() < 1 or z.shape[0] != self.batch_size:
+            raise InputError(
+                f"memsafe: z has shape {tuple(z.shape)}; this guidance is for {self.batch_size} images"
+            )
+        owner = self._cond_image.to(z.device)
+        z_cond = z if self._identity else z.index_select(0, owner)
+        both = concat_rows(self._cond, self._uncond) if self._batched else None
+        if both is not None:
+            eps = self._eps(torch.cat([z_cond, z]), both)
+            eps_c, eps_u = eps[: z_cond.shape[0]], eps[z_cond.shape[0] :]
+        else:
+            eps_c = self._eps(z_cond, self._cond)
+            eps_u = self._eps(z, self._uncond)
+        if self._identity:
+            return eps_c, eps_u
+        w = self._cond_weight.to(device=z.device, dtype=eps_c.dtype)
+        cond_part = torch.zeros_like(eps_u).index_add(0, owner, eps_c * w.view((-1,) + (1,) * (z.dim() - 1)))
+        total_w = torch.zeros(self.batch_size, dtype=eps_u.dtype, device=z.device).index_add(0, owner, w)
+        return cond_part, eps_u * total_w.view((-1,) + (1,) * (z.dim() - 1))
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """``eps_tilde(z)`` for the batch, differentiable in ``z`` when autograd is enabled."""
+        cond_part, uncond_part = self.pair(z)
+        return cond_part - uncond_part
+
+    def select(self, index: Tensor) -> Guidance:
+        """The same guidance restricted to images ``index`` (in that order); shares the call counter."""
+        index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
+        remap = torch.full((self.batch_size,), -1, dtype=torch.long)
+        remap[index] = torch.arange(index.numel())
+        rows = (remap[self._cond_image] >= 0).nonzero().flatten()
+        return Guidance(
+            self._eps_fn,
+            select_rows(self._cond, rows),
+            select_rows(self._uncond, index),
+            cond_image=remap[self._cond_image[rows]],
+            cond_weight=None if self._identity else self._cond_weight[rows],
+            batched=self._batched,
+            calls=self.calls,
+        )
+
+
+def check_guidance_scale(guidance_scale: float | None) -> None:
+    """Raise NotApplicableError unless classifier-free guidance is on (scale > 1). None means unknown: accepted."""
+    if guidance_scale is None:
+        return
+    if not math.isfinite(float(guidance_scale)) or guidance_scale <= 1.0:
+        raise NotApplicableError(
+            f"memsafe: guidance_scale={guidance_scale}: the methods need classifier-free guidance "
+            "(guidance_scale > 1); at 1 or below the prompt's guidance term is not amplified and there is nothing "
+            "to mitigate. Use a CFG scale above 1 or turn memsafe off."
+        )
+
+
+def _positive_float(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"memsafe: {name} must be a positive finite number, got {value}")
+    return value
+
+
+# -- builders --------------------------------------------------------------------------------------------------
+def guidance_from_denoiser(
+    denoiser: Callable[..., Tensor],
+    sigma: float,
+    cond: Conditioning,
+    uncond: Conditioning,
+    *,
+    sgm_noise_multiplier: bool = False,
+    cond_image: Tensor | None = None,
+    cond_weight: Tensor | None = None,
+    batched: bool = True,
+    guidance_scale: float | None = None,
+    model_dtype: torch.dtype | None = None,
+) -> Guidance:
+    """Guidance from a k-diffusion style denoiser ``D(x, sigma, **kwargs) -> denoised x`` (A1111's
+    ``p.sampler.model_wrap``), at the sampler's first noise level ``sigma``.
+
+    The sampler starts from ``x = z * sigma`` (``z * sqrt(1 + sigma^2)`` with A1111's SGM noise multiplier), and
+    ``eps = (x - D(x, sigma)) / sigma``, valid for eps- and v-prediction models alike.
+    """
+    check_guidance_scale(guidance_scale)
+    sigma = _positive_float("sigma", sigma)
+    x_scale = math.sqrt(1.0 + sigma * sigma) if sgm_noise_multiplier else sigma
+
+    def eps_fn(z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+        x = z_rows * x_scale
+        if model_dtype is not None:
+            x = x.to(model_dtype)
+        sigmas = torch.full((z_rows.shape[0],), sigma, device=z_rows.device, dtype=x.dtype)
+        return (x - denoiser(x, sigmas, **kwargs)) / sigma
+
+    return Guidance(eps_fn, cond, uncond, cond_image=cond_image, cond_weight=cond_weight, batched=batched)
+
+
+def guidance_from_eps_model(
+    model: Callable[..., Tensor],
+    timestep: float,
+    cond: Conditioning,
+    uncond: Conditioning,
+    *,
+    prediction: str = "eps",
+    alpha_bar: float | None = None,
+    cond_image: Tensor | None = None,
+    cond_weight: Tensor | None = None,
+    batched: bool = True,
+    guidance_scale: float | None = None,
+    model_dtype: torch.dtype | None = None,
+) -> Guidance:
+    """Guidance from a model ``model(x, t, **kwargs)`` returning eps (or v with ``prediction="v"``) at timestep
+    ``timestep``, for DDIM-family samplers that start from ``x = z`` (unit variance).
+
+    For v-prediction, ``alpha_bar`` (the cumulative alpha at ``timestep``) converts: ``eps = sqrt(a) v + sqrt(1-a) x``.
+    """
+    check_guidance_scale(guidance_scale)
+    if prediction not in ("eps", "v"):
+        raise InputError(f"memsafe: prediction must be 'eps' or 'v', got {prediction!r}")
+    if prediction == "v":
+        if alpha_bar is None or not 0.0 < float(alpha_bar) < 1.0:
+            raise InputError(
+                f"memsafe: v-prediction needs alpha_bar in (0, 1) at the timestep, got {alpha_bar!r}"
+            )
+        sqrt_a, sqrt_1ma = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    timestep = float(timestep)
+
+    def eps_fn(z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+        x = z_rows if model_dtype is None else z_rows.to(model_dtype)
+        t = torch.full((z_rows.shape[0],), timestep, device=z_rows.device)
+        out = model(x, t, **kwargs)
+        if prediction == "v":
+            out = sqrt_a * out + sqrt_1ma * x
+        return out
+
+    return Guidance(eps_fn, cond, uncond, cond_image=cond_image, cond_weight=cond_weight, batched=batched)

@@ -1,0 +1,390 @@
+"""The paper's methods on the initial latent ``z``: batch-wise (Alg. 1), per-sample (Alg. 2), the risk score,
+auto mode, and the unconditional-only-first-steps decision used while sampling.
+
+Everything is per image: an image's result depends only on its own noise, conditioning and the parameters, never
+on the other images of its batch (batched == one at a time, within float tolerance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import MitigationConfig, ScaledParams
+from .errors import GuidanceError, InputError, Interrupted
+from .guidance import GuidanceFn
+
+
+@dataclass
+class Evaluations:
+    """Guidance evaluations spent, counted per image: one forward = ``eps_tilde`` of one image (a cond and an
+    uncond model row); one backward = one vector-Jacobian product through it."""
+
+    forward: int = 0
+    backward: int = 0
+
+
+@dataclass(frozen=True)
+class ProgressInfo:
+    """What ``progress`` receives after every iteration."""
+
+    method: str
+    iteration: int  # iterations done so far (1-based)
+    max_iterations: int
+    norms: Tensor  # [B] float32 on the CPU: the latest ||eps_tilde|| of every image of the batch
+    active: int  # images still being adjusted
+
+
+@dataclass
+class AdjustResult:
+    """What :func:`adjust_noise` returns. Per-image tensors have shape ``[B]`` and live on the CPU."""
+
+    z: Tensor  # the adjusted latent, same shape, dtype and device as the input
+    norm_before: Tensor  # ||eps_tilde(z)|| before (NaN where not evaluated, e.g. method off)
+    norm_after: Tensor  # ||eps_tilde(z)|| after (NaN where not measured)
+    iterations: Tensor  # int64: optimizer steps (per-sample) or iterations (batch-wise) per image
+    evaluations: Evaluations
+    applied: list[str]  # per image: "off", "none" (auto, below threshold), "batch_wise" or "per_sample"
+    scaled: ScaledParams  # rho, target and risk threshold at this latent size
+    risk: Tensor | None = None  # auto mode: the risk score of every image
+    uncond_images: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [B] bool
+
+    def still_at_risk(self) -> Tensor:
+        """[B] bool: images whose measured norm after adjustment is still above what their method aims for (the
+        target for per-sample, the risk threshold otherwise). Unmeasured (NaN) norms are not flagged."""
+        limit = torch.tensor(
+            [self.scaled.target if a == "per_sample" else self.scaled.risk_threshold for a in self.applied]
+        )
+        return self.norm_after > limit  # NaN compares False
+
+
+# -- input checks ----------------------------------------------------------------------------------------------
+def _check_z(z: Tensor) -> None:
+    if not isinstance(z, Tensor):
+        raise InputError(f"memsafe: z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4 or z.shape[0] < 1 or z.numel() == 0:
+        raise InputError(f"memsafe: z must have shape [B, C, H, W] with B >= 1, got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise InputError(f"memsafe: z must be a floating-point tensor, got {z.dtype}")
+    bad = (~torch.isfinite(z)).flatten(1).any(1)
+    if bad.any():
+        raise InputError(f"memsafe: z contains NaN or Inf in images {bad.nonzero().flatten().tolist()}")
+
+
+def _check_finite(norms: Tensor, index: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(norms)
+    if bad.any():
+        images = index.cpu()[bad.cpu()].tolist()
+        raise GuidanceError(
+            f"memsafe: the model returned NaN/Inf for images {images} ({what}); the noise was left unchanged. "
+            "Check the model (precision, VAE/UNet NaN) or lower lr/rho."
+        )
+
+
+# -- evaluation with counting, on a subset of images ---------------------------------------------------------
+class _Evaluator:
+    """Evaluates a guidance on some images of the batch, as (cond_part, uncond_part) pairs, and counts."""
+
+    def __init__(self, guidance: GuidanceFn, z_full: Tensor, evaluations: Evaluations) -> None:
+        self._guidance = guidance
+        self._z_full = z_full
+        self._evaluations = evaluations
+        self._subset_key: tuple[int, ...] | None = None
+        self._subset: GuidanceFn | None = None
+
+    def _restricted(self, index: Tensor) -> GuidanceFn:
+        batch = self._z_full.shape[0]
+        key = tuple(index.tolist())
+        if key == tuple(range(batch)):
+            return self._guidance
+        if key != self._subset_key:
+            select = getattr(self._guidance, "select", None)
+            if select is not None:
+                self._subset = select(index.cpu())
+            else:
+                # A plain callable: evaluate the whole batch with these rows replaced (correct, not cheaper).
+                def subset(z_rows: Tensor, _index: Tensor = index) -> Tensor:
+                    z_all = self._z_full.detach().clone().index_put((_index,), z_rows)
+                    return self._guidance(z_all).index_select(0, _index)
+
+                self._subset = subset
+            self._subset_key = key
+        assert self._subset is not None
+        return self._subset
+
+    def pair(self, z_rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        fn = self._restricted(index)
+        pair = getattr(fn, "pair", None)
+        if pair is not None:
+            cond_part, uncond_part = pair(z_rows)
+        else:
+            diff = fn(z_rows)
+            if not isinstance(diff, Tensor) or diff.shape != z_rows.shape:
+                got = tuple(diff.shape) if isinstance(diff, Tensor) else type(diff).__name__
+                raise InputError(f"memsafe: guidance returned {got} for z of shape {tuple(z_rows.shape)}")
+            cond_part, uncond_part = diff, torch.zeros_like(diff)
+        self._evaluations.forward += z_rows.shape[0]
+        return cond_part, uncond_part
+
+    def diff_norm(self, z_rows: Tensor, index: Tensor, what: str, **kw: object) -> ops.DiffNorm:
+        with torch.no_grad():
+            cond_part, uncond_part = self.pair(z_rows, index)
+            result = ops.guidance_diff_norm(cond_part, uncond_part, **kw)
+        _check_finite(result.norms, index, what)
+        return result
+
+    def vjp(self, z_rows: Tensor, outputs: tuple[Tensor, Tensor], seed: Tensor, images: int) -> Tensor:
+        """d(sum_i <seed_i, eps_tilde_i>)/dz: gradients with respect to ``z_rows`` only (never the model's)."""
+        roots, grads = [], []
+        for out, sign in zip(outputs, (1.0, -1.0), strict=True):
+            if out.requires_grad:
+                roots.append(out)
+                grads.append((seed * sign).to(out.dtype))
+        if not roots:
+            raise InputError(
+                "memsafe: per_sample needs a guidance differentiable in z (its output has no grad_fn)"
+            )
+        (grad,) = torch.autograd.grad(roots, [z_rows], grad_outputs=grads)
+        self._evaluations.backward += images
+        return grad
+
+
+# -- the methods -----------------------------------------------------------------------------------------------
+def _batch_wise(
+    z: Tensor,
+    index: Tensor,
+    ev: _Evaluator,
+    config: MitigationConfig,
+    scaled: ScaledParams,
+    first: tuple[Tensor, Tensor] | None,
+    report: Callable[[int, int, Tensor, int], None],
+    should_stop: Callable[[], bool] | None,
+) -> Tensor:
+    """Paper Alg. 1 on the images ``index`` of ``z`` (in place). Returns their norms before adjustment."""
+    z_rows = z.index_select(0, index)
+    norm_before = torch.full((index.numel(),), math.nan)
+    for it in range(config.iterations):
+        _poll(should_stop)
+        if it == 0 and first is not None:
+            d = ops.guidance_diff_norm(*first, rho=scaled.rho)
+        else:
+            d = ev.diff_norm(z_rows, index, f"batch-wise iteration {it + 1}", rho=scaled.rho)
+        if it == 0:
+            norm_before = d.norms.cpu()
+        assert d.probe is not None
+        probed = ev.diff_norm(z_rows + d.probe, index, f"batch-wise probe {it + 1}")
+        ops.batchwise_update_(z_rows, probed.diff, d.diff, config.gamma)
+        report(it + 1, config.iterations, d.norms, index.numel())
+    z.index_copy_(0, index, z_rows)
+    return norm_before
+
+
+def _per_sample(
+    z: Tensor,
+    index: Tensor,
+    ev: _Evaluator,
+    config: MitigationConfig,
+    scaled: ScaledParams,
+    report: Callable[[int, int, Tensor, int], None],
+    should_stop: Callable[[], bool] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Paper Alg. 2 for every image ``index`` of ``z`` at once (in place): per-image AdamW state, step counts and
+    stopping, so each image follows exactly the trajectory it would follow alone. An image stops as soon as its
+    norm is <= target (checked before each step, as the paper's code does) or after ``max_iterations`` steps; a
+    stopped image is no longer evaluated. Returns per-image (norm_before, norm_after, steps)."""
+    n = index.numel()
+    device = z.device
+    z_rows = z.index_select(0, index)
+    exp_avg, exp_avg_sq = torch.zeros_like(z_rows), torch.zeros_like(z_rows)
+    steps = torch.zeros(n, dtype=torch.long, device=device)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    norm_before = torch.full((n,), math.nan, device=device)
+    norm_after = torch.full((n,), math.nan, device=device)
+    grad = torch.zeros_like(z_rows)
+    # One host sync per iteration (reading which images are still active) lets finished images leave the
+    # model's batch; it is negligible next to a forward and backward pass through the model.
+    for it in range(config.max_iterations + 1):
+        _poll(should_stop)
+        live = active.nonzero().flatten()
+        if live.numel() == 0:
+            break
+        z_live = z_rows.index_select(0, live).requires_grad_(True)
+        with torch.enable_grad():
+            outputs = ev.pair(z_live, index.index_select(0, live.to(index.device)))
+        d = ops.guidance_diff_norm(
+            outputs[0].detach(), outputs[1].detach(), active=torch.ones_like(live, dtype=torch.bool)
+        )
+        _check_finite(d.norms, index.index_select(0, live.to(index.device)), f"per-sample iteration {it}")
+        if it == 0:
+            norm_before.index_copy_(0, live, d.norms)
+        norm_after.index_copy_(0, live, d.norms)
+        keep = ops.stop_test(
+            d.norms,
+            steps.index_select(0, live),
+            torch.ones_like(live, dtype=torch.bool),
+            scaled.target,
+            config.max_iterations,
+        )
+        active.index_copy_(0, live, keep)
+        report(it, config.max_iterations, norm_after, int(keep.sum()))
+        if not bool(keep.any()):
+            break
+        assert d.seed is not None
+        seed = d.seed * keep.view(-1, 1, 1, 1).to(d.seed.dtype)
+        grad.zero_().index_copy_(0, live, ev.vjp(z_live, outputs, seed, int(keep.sum())))
+        del outputs, z_live
+        ops.adamw_step_(
+            z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr, weight_decay=config.weight_decay
+        )
+    z.index_copy_(0, index, z_rows)
+    return norm_before.cpu(), norm_after.cpu(), steps.cpu()
+
+
+def _poll(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Interrupted("memsafe: stopped on request (interrupt/skip); the noise was left unchanged")
+
+
+# -- public API ------------------------------------------------------------------------------------------------
+def risk_score(z: Tensor, guidance: GuidanceFn) -> Tensor:
+    """Per-image ``||eps_tilde(z)||`` (float32, on the CPU) at the first noise level: the memorization risk, on
+    the same scale as the per-sample ``target`` (Wen et al. 2024 detect memorization with this magnitude)."""
+    _check_z(z)
+    z32 = z.detach().float()
+    index = torch.arange(z.shape[0], device=z.device)
+    return _Evaluator(guidance, z32, Evaluations()).diff_norm(z32, index, "risk score").norms.cpu()
+
+
+def adjust_noise(
+    z: Tensor,
+    guidance: GuidanceFn,
+    config: MitigationConfig,
+    *,
+    progress: Callable[[ProgressInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    measure_after: bool = True,
+) -> AdjustResult:
+    """Adjust the initial noise ``z`` ([B, C, H, W], unit variance) per ``config.method``.
+
+    - ``off``: ``z`` back unchanged, nothing evaluated.
+    - ``batch_wise``: paper Alg. 1 (no autograd); sampling must then use the unconditional prediction for the
+      first ``config.uncond_steps`` steps of the images in ``result.uncond_images``.
+    - ``per_sample``: paper Alg. 2 (AdamW on ``z``, gradients with respect to ``z`` only).
+    - ``auto``: the risk score decides; images below ``risk_threshold`` come back bit-identical.
+
+    ``progress`` is called after every iteration; ``should_stop()`` is polled before every iteration and stops
+    the work by raising :class:`memsafe.Interrupted`. With ``measure_after`` (default), batch-wise spends one more
+    evaluation to measure ``norm_after`` (a host can instead read it from its first sampling step).
+    Identical inputs give bit-identical outputs on the same device.
+    """
+    if not isinstance(config, MitigationConfig):
+        raise InputError(f"memsafe: config must be a MitigationConfig, got {type(config).__name__}")
+    _check_z(z)
+    batch = z.shape[0]
+    scaled = config.scaled(z[0].numel())
+    evaluations = Evaluations()
+    z32 = z.detach().float().clone()
+    norm_before = torch.full((batch,), math.nan)
+    norm_after = torch.full((batch,), math.nan)
+    iterations = torch.zeros(batch, dtype=torch.long)
+    applied = ["off"] * batch
+    risk = None
+    if config.method == "off":
+        return AdjustResult(
+            z.detach().clone(),
+            norm_before,
+            norm_after,
+            iterations,
+            evaluations,
+            applied,
+            scaled,
+            uncond_images=torch.zeros(batch, dtype=torch.bool),
+        )
+
+    ev = _Evaluator(guidance, z.detach().float(), evaluations)
+    everyone = torch.arange(batch, device=z.device)
+    method = config.applied_method
+    index = everyone
+    first = None
+    if config.method == "auto":
+        with torch.no_grad():  # the risk evaluation is forward only; batch-wise reuses it as its first g
+            cond_part, uncond_part = ev.pair(z32, everyone)
+            d = ops.guidance_diff_norm(cond_part, uncond_part)
+        _check_finite(d.norms, everyone, "risk score")
+        risk = d.norms.cpu()
+        at_risk = risk >= scaled.risk_threshold
+        applied = [method if r else "none" for r in at_risk.tolist()]
+        norm_before, norm_after = risk.clone(), risk.clone()
+        index = at_risk.nonzero().flatten().to(z.device)
+        if method == "batch_wise":
+            first = (cond_part.index_select(0, index), uncond_part.index_select(0, index))
+        del cond_part, uncond_part
+    else:
+        applied = [method] * batch
+
+    last_norms = torch.full((batch,), math.nan)
+
+    def report(iteration: int, total: int, norms: Tensor, active: int) -> None:
+        if progress is None:
+            return
+        last_norms[index.cpu()] = norms.detach().float().cpu()
+        progress(ProgressInfo(method, iteration, total, last_norms.clone(), active))
+
+    if index.numel() > 0:
+        if method == "batch_wise":
+            before = _batch_wise(z32, index, ev, config, scaled, first, report, should_stop)
+            iterations[index.cpu()] = config.iterations
+            if config.method != "auto":
+                norm_before[index.cpu()] = before
+            if measure_after:
+                z_rows = z32.index_select(0, index)
+                norm_after[index.cpu()] = ev.diff_norm(z_rows, index, "norm after batch-wise").norms.cpu()
+            else:
+                norm_after[index.cpu()] = math.nan
+        else:
+            before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop)
+            if config.method != "auto":
+                norm_before[index.cpu()] = before
+            norm_after[index.cpu()] = after
+            iterations[index.cpu()] = steps
+
+    uncond_images = torch.tensor([a == "batch_wise" for a in applied], dtype=torch.bool)
+    if config.uncond_steps == 0:
+        uncond_images[:] = False
+    adjusted = z32.to(z.dtype)
+    untouched = [i for i, a in enumerate(applied) if a in ("none", "off")]
+    if untouched:  # bit-identical, whatever the dtype round trip would do
+        adjusted[untouched] = z.detach()[untouched]
+    return AdjustResult(
+        adjusted, norm_before, norm_after, iterations, evaluations, applied, scaled, risk, uncond_images
+    )
+
+
+def uncond_only(
+    level: float | Tensor, schedule: Sequence[float] | Tensor, uncond_steps: int
+) -> bool | Tensor:
+    """Whether a model call at noise level ``level`` belongs to the first ``uncond_steps`` sampling steps, which
+    the batch-wise method samples with the unconditional prediction only.
+
+    ``schedule`` lists the levels in the order the sampler visits them (k-diffusion: ``sigmas``, descending;
+    DDIM-family: the timesteps actually used, first one first). The first ``K`` steps are exactly the model calls
+    at levels strictly above ``schedule[K]``: this holds for second-order and multi-call samplers too (Heun, DPM2
+    and DPM++ 2S/SDE evaluate at intermediate levels inside a step), unlike a step counter. Heun's corrector of
+    step ``K-1`` is evaluated at ``schedule[K]`` itself and therefore counts as guided: a call at a level cannot be
+    told apart from the first call of step ``K``. A small relative tolerance absorbs float round-off.
+    """
+    if uncond_steps <= 0:
+        return torch.zeros_like(level, dtype=torch.bool) if isinstance(level, Tensor) else False
+    levels = torch.as_tensor(schedule, dtype=torch.float64).flatten()
+    if uncond_steps >= levels.numel():
+        return torch.ones_like(level, dtype=torch.bool) if isinstance(level, Tensor) else True
+    boundary = float(levels[uncond_steps])
+    threshold = boundary + 1e-4 * abs(boundary)
+    if isinstance(level, Tensor):
+        return level.double() > threshold
+    return float(level) > threshold
