@@ -1,0 +1,137 @@
+"""The adjusted noise through real k-diffusion samplers, as A1111 runs them."""
+
+import pytest
+import torch
+
+import memsafe
+from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
+
+STEPS = 8
+K = 3
+
+
+class Recorder:
+    """Records the sigma of every model call made by a sampler."""
+
+    def __init__(self, inner):
+        self.inner, self.sigmas = inner, []
+
+    def __call__(self, x, sigma, **kw):
+        self.sigmas.append(float(sigma[0]))
+        return self.inner(x, sigma, **kw)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected_uncond_calls"),
+    [
+        ("sample_euler", K),
+        ("sample_euler_ancestral", K),
+        ("sample_dpmpp_2m", K),
+        (
+            "sample_heun",
+            2 * K - 1,
+        ),  # K predictors + the correctors of steps 0..K-2 (step K-1's sits at sigma_K)
+        ("sample_dpm_2", 2 * K),  # each step also evaluates at a midpoint above sigma_{i+1}
+    ],
+)
+def test_uncond_decision_follows_the_noise_level_for_every_sampler(
+    kd, denoiser, batch, sampler, expected_uncond_calls
+):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    model = CFGDenoiser(
+        denoiser,
+        {"cond": cond},
+        {"cond": uncond},
+        7.0,
+        sigmas=sigmas,
+        uncond_steps=K,
+        uncond_images=torch.ones(3, dtype=torch.bool),
+    )
+    rec = Recorder(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        getattr(kd.sampling, sampler)(rec, z * sigmas[0], sigmas, disable=True)
+    flags = [memsafe.uncond_only(s, sigmas, K) for s in rec.sigmas]
+    assert sum(flags) == expected_uncond_calls
+    assert flags[:expected_uncond_calls] == [True] * expected_uncond_calls  # all at the start
+
+
+@pytest.mark.parametrize(
+    "sampler", ["sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_heun"]
+)
+def test_sampler_starts_from_the_adjusted_noise_and_unguided_steps_use_uncond(kd, denoiser, batch, sampler):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    g = guidance_from_denoiser(
+        denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond}, guidance_scale=7.0
+    )
+    res = adjust_noise(
+        z, g, MitigationConfig(method="batch_wise", rho=3.0, uncond_steps=K, scale_with_size=False)
+    )
+    model = CFGDenoiser(
+        denoiser,
+        {"cond": cond},
+        {"cond": uncond},
+        7.0,
+        sigmas=sigmas,
+        uncond_steps=K,
+        uncond_images=res.uncond_images,
+    )
+    first_calls = []
+
+    def spy(x, sigma, **kw):
+        out = model(x, sigma, **kw)
+        if not first_calls:
+            first_calls.append((x.clone(), out.clone()))
+        return out
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        images = getattr(kd.sampling, sampler)(spy, res.z * sigmas[0], sigmas, disable=True)
+        x0, out0 = first_calls[0]
+        torch.testing.assert_close(x0, res.z * sigmas[0])
+        # step 0 is unconditional: the same as denoising with the uncond conditioning alone
+        torch.testing.assert_close(
+            out0, denoiser(x0, sigmas[:1].expand(3), cond=uncond), rtol=1e-4, atol=1e-4
+        )
+    assert torch.isfinite(images).all() and images.shape == z.shape
+
+
+@pytest.mark.parametrize("sampler", ["sample_euler", "sample_dpmpp_2m", "sample_heun"])
+def test_a_seed_inside_a_batch_gives_the_same_image_as_alone(kd, denoiser, batch, sampler):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    cfg = MitigationConfig(method="per_sample", lr=0.05, target=0.0, max_iterations=4, scale_with_size=False)
+
+    def generate(index):
+        g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond[index]}, {"cond": uncond[index]})
+        res = adjust_noise(z[index], g, cfg)
+        model = CFGDenoiser(denoiser, {"cond": cond[index]}, {"cond": uncond[index]}, 7.0)
+        with torch.no_grad():
+            return getattr(kd.sampling, sampler)(model, res.z * sigmas[0], sigmas, disable=True)
+
+    together = generate(torch.arange(3))
+    alone = generate(torch.tensor([1]))
+    torch.testing.assert_close(alone[0], together[1], rtol=1e-3, atol=1e-3)
+
+
+def test_off_is_bit_identical_to_sampling_without_memsafe(kd, denoiser, batch):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond})
+    res = adjust_noise(z, g, MitigationConfig(method="off"))
+    plain = CFGDenoiser(denoiser, {"cond": cond}, {"cond": uncond}, 7.0)
+    with_off = CFGDenoiser(
+        denoiser,
+        {"cond": cond},
+        {"cond": uncond},
+        7.0,
+        sigmas=sigmas,
+        uncond_steps=K,
+        uncond_images=res.uncond_images,
+    )
+    with torch.no_grad():
+        a = kd.sampling.sample_euler(plain, z * sigmas[0], sigmas, disable=True)
+        b = kd.sampling.sample_euler(with_off, res.z * sigmas[0], sigmas, disable=True)
+    assert torch.equal(a, b)
