@@ -1,0 +1,614 @@
+"""AUTOMATIC1111 WebUI adapter: everything the MemSafe script does, on the processing object ``p``.
+
+Facts about the host (file:line in A1111 v1.10.1) are in docs; the essentials:
+- ``processing.py`` L1336-1346: ``x = self.rng.next()`` -> ``scripts.process_before_every_sampling(p, x=x, noise=x,
+  c=..., uc=...)`` -> ``self.sampler.sample(self, x, ...)``. We replace the noise IN PLACE (``noise.copy_``); the
+  hook's return value is ignored. Before 1.10 (no such hook) ``p.rng`` is wrapped in a one-shot proxy in
+  ``process_batch`` instead. The hires pass (``p.is_hr_pass``) is never touched.
+- ``scripts.py`` L836-842: every script hook is wrapped in try/except that only logs, so failing closed means
+  making the SAMPLER raise (``p.sampler.sample`` replaced on that one sampler object), not raising in the hook.
+- ``sd_samplers_cfg_denoiser.py`` L198-311: the CFG denoiser; ``cfg_denoiser`` callbacks see sigma and the
+  denoiser object, ``cfg_denoised`` callbacks see ``x_out`` before the CFG combine (edited in place: the
+  unconditional-only first steps of the batch-wise method).
+
+All state of a job lives on ``p`` (attribute ``memsafe_job``); callbacks are registered per job and removed in
+``postprocess`` and, on any error, in ``p.close()`` (called by ``with closing(p)`` in txt2img.py L79 and
+api.py L468). Host modules are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import methods
+from ..config import MitigationConfig
+from ..errors import ConfigError, Interrupted, NotApplicableError
+from ..guidance import Guidance, guidance_from_denoiser, guidance_from_eps_model, select_rows
+from .webui_args import FIELD_ORDER, ScriptRequest, parse_script_args
+
+log = logging.getLogger("memsafe")
+
+JOB_ATTR = "memsafe_job"
+XYZ_FIELDS = ("enabled", "method", *FIELD_ORDER)  # p.memsafe_<name>, set by the XYZ-plot axes
+FAIL_STOP = "Stop the job"
+FAIL_CONTINUE = "Continue unmitigated (infotext says so)"
+VERIFY_RTOL = 1e-2  # a cache hit is used only if the risk at the same noise still agrees this closely
+
+
+class MemSafeError(RuntimeError):
+    """Mitigation was requested and could not be applied; the job stops (fail closed)."""
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+def _opt(name: str, default: Any) -> Any:
+    from modules import shared
+
+    return getattr(shared.opts, name, default)
+
+
+def fail_policy() -> str:
+    return _opt("memsafe_fail_policy", FAIL_STOP)
+
+
+# -- model family ------------------------------------------------------------------------------------------------
+def model_family(sd_model: Any) -> str:
+    """The preset family of a loaded A1111 model: sdxl, sd2-v, sd2 or sd1 (sd_models.py L380-395 flags)."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2-v" if getattr(sd_model, "parameterization", "eps") == "v" else "sd2"
+    return "sd1"
+
+
+def is_forge() -> bool:
+    """Forge and reForge replace the noise through ``p.modified_noise`` and run under inference_mode; memsafe's
+    hooks here are for A1111 and would silently do nothing there."""
+    try:
+        import modules_forge  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- the noise cache ---------------------------------------------------------------------------------------------
+@dataclass
+class CachedNoise:
+    z: Tensor  # adjusted noise of one image, on the CPU
+    risk: float  # ||eps_tilde|| at the original noise (verified on every hit)
+    record: ImageRecord
+
+
+class NoiseCache:
+    """Bounded LRU of adjusted noise per image, keyed by everything that determines it. A hit is verified by
+    re-evaluating the risk at the original noise (one model evaluation, which auto mode spends anyway), so a
+    change the key cannot see (a ControlNet, a UNet hook) turns it into a miss instead of a wrong image."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, CachedNoise] = OrderedDict()
+
+    def get(self, key: str) -> CachedNoise | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: str, item: CachedNoise) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = item
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().to("cpu").contiguous()
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        elif isinstance(part, dict):
+            for k in sorted(part):
+                h.update(str(k).encode())
+                h.update(_digest(part[k]).encode())
+        elif isinstance(part, (list, tuple)):
+            for item in part:
+                h.update(_digest(item).encode())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+# -- per-image results and the job ----------------------------------------------------------------------------
+@dataclass
+class ImageRecord:
+    """What happened to one image (one seed): the infotext and the API report it."""
+
+    applied: str
+    risk_before: float
+    risk_after: float = math.nan
+    iterations: int = 0
+    limit: float = math.nan  # target (per-sample) or risk threshold (batch-wise/none)
+    cached: bool = False
+
+    @property
+    def at_risk(self) -> bool:
+        return self.risk_after > self.limit  # NaN compares False
+
+    def infotext(self) -> str:
+        after = "" if math.isnan(self.risk_after) else f"->{self.risk_after:.4g}"
+        parts = [self.applied, f"risk {self.risk_before:.4g}{after}"]
+        if self.applied == "per_sample":
+            parts.append(f"it {self.iterations}")
+        if self.cached:
+            parts.append("cached")
+        return " ".join(parts)
+
+    def warning(self) -> str | None:
+        if not self.at_risk:
+            return None
+        what = "target" if self.applied == "per_sample" else "risk threshold"
+        return (f"still at risk ({self.risk_after:.4g} > {what} {self.limit:.4g}) after {self.applied}: "
+                "change the prompt")
+
+
+@dataclass
+class SamplingContext:
+    """What the CFG callbacks need for one batch's (first-pass) sampler."""
+
+    denoiser: Any  # the sampler's CFG denoiser object: callbacks act only on calls from it
+    schedule: Tensor  # levels in visiting order (sigmas, or timesteps first-used-first)
+    uncond_steps: int
+    uncond_images: Tensor  # [B] bool
+    rows: list[list[tuple[int, float]]]  # per image: (cond row in x_out, weight), from reconstruct_multicond_batch
+    k_diffusion: bool
+    first_level: float
+    measure: list[int] = field(default_factory=list)  # global image indexes whose risk_after comes from step 0
+    seen_first: bool = False
+    early: bool = False
+    first: bool = False
+
+
+class Job:
+    """The state of one MemSafe-enabled txt2img job (stored on ``p``)."""
+
+    def __init__(self, request: ScriptRequest, config: MitigationConfig, cache: NoiseCache, family: str) -> None:
+        self.request = request
+        self.config = config
+        self.cache = cache
+        self.family = family
+        self.records: dict[int, ImageRecord] = {}
+        self.error: str | None = None
+        self.skipped_reason: str | None = None  # fail policy "continue": why nothing was applied
+        self.sampling: SamplingContext | None = None
+        self._callbacks: list[Callable[..., None]] = []
+
+    # infotext values (create_infotext calls them with its locals: p, index, ...; processing.py L801-808)
+    def result_text(self, index: int = 0, **_: Any) -> str | None:
+        if self.skipped_reason is not None:
+            return f"NOT APPLIED ({self.skipped_reason})"
+        record = self.records.get(index)
+        return record.infotext() if record else None
+
+    def warning_text(self, index: int = 0, **_: Any) -> str | None:
+        record = self.records.get(index)
+        return record.warning() if record else None
+
+    def total_images(self, p: Any) -> int:
+        return len(getattr(p, "all_seeds", []) or []) or p.n_iter * p.batch_size
+
+    # -- callbacks: registered per job, removed at its end (also on error), inert for any other sampler --
+    def install_callbacks(self) -> None:
+        if self._callbacks:
+            return
+        from modules import script_callbacks
+
+        script_callbacks.on_cfg_denoiser(self._on_cfg_denoiser, name="memsafe_job")
+        script_callbacks.on_cfg_denoised(self._on_cfg_denoised, name="memsafe_job")
+        self._callbacks = [self._on_cfg_denoiser, self._on_cfg_denoised]
+
+    def remove_callbacks(self) -> None:
+        if not self._callbacks:
+            return
+        from modules import script_callbacks
+
+        for fn in self._callbacks:
+            script_callbacks.remove_callbacks_for_function(fn)
+        self._callbacks = []
+
+    @property
+    def has_callbacks(self) -> bool:
+        return bool(self._callbacks)
+
+    def _on_cfg_denoiser(self, params: Any) -> None:
+        ctx = self.sampling
+        if ctx is None:
+            return
+        denoiser = getattr(params, "denoiser", None)  # A1111 >= 1.6 passes it (cfg_denoiser.py L235)
+        ours = denoiser is ctx.denoiser
+        level = float(params.sigma[0])
+        ctx.first = ours and not ctx.seen_first
+        ctx.seen_first = ctx.seen_first or ours
+        ctx.early = bool(ours and methods.uncond_only(level, ctx.schedule, ctx.uncond_steps))
+
+    def _on_cfg_denoised(self, params: Any) -> None:
+        ctx = self.sampling
+        if ctx is None or not (ctx.first or ctx.early):
+            return
+        x_out = params.x
+        batch = len(ctx.rows)
+        uncond_rows = x_out[-batch:]
+        if ctx.first and ctx.measure:
+            # step 0 evaluates cond and uncond at the adjusted noise: eps_cond - eps_uncond for free
+            scale = 1.0 / ctx.first_level if ctx.k_diffusion else 1.0
+            for i in range(batch):
+                diff = torch.zeros_like(uncond_rows[i], dtype=torch.float32)
+                for row, weight in ctx.rows[i]:
+                    delta = (uncond_rows[i] - x_out[row]) if ctx.k_diffusion else (x_out[row] - uncond_rows[i])
+                    diff += delta.float() * (weight * scale)
+                global_index = ctx.measure[i] if i < len(ctx.measure) else None
+                if global_index is not None and global_index in self.records:
+                    self.records[global_index].risk_after = float(diff.norm())
+            ctx.first = False
+        if ctx.early:
+            # unconditional prediction only: every cond row of an affected image becomes its uncond row, so the
+            # CFG combine (cfg_denoiser.py L81-89) yields exactly the uncond prediction
+            for i in range(batch):
+                if bool(ctx.uncond_images[i]):
+                    for row, _ in ctx.rows[i]:
+                        x_out[row] = uncond_rows[i]
+
+    def finish(self) -> None:
+        self.remove_callbacks()
+        self.sampling = None
+
+
+# -- reading the job's request from p ------------------------------------------------------------------------
+def request_from(p: Any, args: Sequence[Any]) -> ScriptRequest:
+    """The script's arguments with XYZ-plot overrides (``p.memsafe_<field>``) applied."""
+    request = parse_script_args(args)
+    xyz = {name: getattr(p, f"memsafe_{name}") for name in XYZ_FIELDS if hasattr(p, f"memsafe_{name}")}
+    if not xyz:
+        return request
+    enabled = xyz.pop("enabled", request.enabled)
+    if not parse_script_args([{"enabled": enabled}]).enabled:
+        return parse_script_args([])
+    method = xyz.pop("method", request.method)
+    return parse_script_args([{"enabled": True, "method": method, "preset": request.preset, **request.overrides, **xyz}])
+
+
+def _check_applicable(p: Any, config: MitigationConfig) -> None:
+    if is_forge():
+        raise NotApplicableError("memsafe: Forge/reForge is not supported yet (A1111 WebUI 1.6-1.10 only)")
+    if not getattr(p, "cfg_scale", 7.0) > 1.0:
+        raise NotApplicableError(
+            f"memsafe: CFG scale {p.cfg_scale}: MemSafe needs classifier-free guidance (CFG scale > 1); raise it "
+            "or disable MemSafe")
+    if config.uses_uncond_steps and config.uncond_steps >= p.steps:
+        raise ConfigError("uncond_steps", f"got {config.uncond_steps} with {p.steps} sampling steps; allowed: fewer "
+                                          "than the number of steps")
+
+
+def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
+    """``Script.process``: read the arguments, create the job on ``p``, write the infotext entries. Returns None
+    when MemSafe is off (then nothing at all is touched). Errors are recorded on the job (fail closed later)."""
+    from modules import shared
+
+    try:
+        request = request_from(p, args)
+    except ConfigError as e:
+        job = Job(parse_script_args([]), MitigationConfig(), cache, "sd1")
+        _attach(p, job)
+        job_failed(p, job, e)
+        return job
+    if not request.enabled:
+        return None
+    family = model_family(getattr(p, "sd_model", None) or shared.sd_model)
+    cache.resize(_opt("memsafe_cache_size", cache.capacity))
+    job = Job(request, MitigationConfig(method="off"), cache, family)
+    _attach(p, job)
+    try:
+        job.config = request.resolve(family)
+        _check_applicable(p, job.config)
+    except (ConfigError, NotApplicableError) as e:
+        job_failed(p, job, e)
+        return job
+    p.extra_generation_params["MemSafe"] = job.config.to_string()
+    if request.preset != "custom":
+        p.extra_generation_params["MemSafe preset"] = family if request.preset == "auto" else request.preset
+    p.extra_generation_params["MemSafe result"] = job.result_text
+    p.extra_generation_params["MemSafe warning"] = job.warning_text
+    return job
+
+
+def _attach(p: Any, job: Job) -> None:
+    setattr(p, JOB_ATTR, job)
+    original_close = p.close
+
+    def close(*a: Any, **k: Any) -> Any:  # runs at the end of every job, also after an exception
+        try:
+            job.finish()
+        except Exception:  # noqa: BLE001 - closing must always reach the WebUI's own close
+            log.exception("memsafe: cleanup failed")
+        return original_close(*a, **k)
+
+    p.close = close
+
+
+def job_failed(p: Any, job: Job, error: BaseException) -> None:
+    """Fail closed (default: the job stops with ``error``), or with the "continue" policy: generate without
+    mitigation and say so in the infotext."""
+    message = str(error) if str(error).startswith("memsafe") else f"memsafe: {error}"
+    job.finish()
+    if fail_policy() == FAIL_CONTINUE:
+        log.warning("%s; continuing unmitigated (setting memsafe_fail_policy)", message)
+        job.skipped_reason = message.removeprefix("memsafe: ")
+        p.extra_generation_params["MemSafe result"] = job.result_text
+        return
+    log.error("%s; the job is stopped (setting memsafe_fail_policy)", message)
+    job.error = message
+    p.extra_generation_params["MemSafe"] = f"FAILED: {message}"
+
+
+def _refuse_sampling(sampler: Any, message: str) -> None:
+    """Make this one sampler object raise instead of sampling (the hook's own exceptions are swallowed)."""
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise MemSafeError(f"{message} (no image was generated; MemSafe fails closed)")
+
+    sampler.sample = refuse
+
+
+# -- conditioning and guidance from p ---------------------------------------------------------------------------
+def _make_condition_dict(sd_model: Any, crossattn: Any, image_cond: Tensor, uncond: bool) -> dict[str, Any]:
+    """The ``cond`` mapping the CFG denoiser passes to the model (cfg_denoiser.py L213-222)."""
+    if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm":
+        return {"c_crossattn": [crossattn], "c_adm": torch.zeros_like(image_cond) if uncond else image_cond}
+    if isinstance(crossattn, dict):
+        return {**crossattn, "c_concat": [image_cond]}
+    return {"c_crossattn": [crossattn], "c_concat": [image_cond]}
+
+
+@dataclass
+class BatchGuidance:
+    guidance: Guidance
+    rows: list[list[tuple[int, float]]]
+    schedule: Tensor
+    first_level: float
+    k_diffusion: bool
+    key_parts: tuple[Any, ...]
+    cond_rows: Any
+    uncond_rows: Any
+    image_cond: Tensor
+    owner: Tensor
+
+
+def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
+    """eps_tilde at the first-pass sampler's first noise level with the step-0 conditioning, as its CFG denoiser
+    will evaluate it (sd_samplers_kdiffusion.py L187-236, sd_samplers_timesteps.py L141-167)."""
+    from modules import prompt_parser, shared
+
+    sampler = p.sampler
+    sd_model = p.sd_model
+    conds_list, cond_tensor = prompt_parser.reconstruct_multicond_batch(c, 0)
+    uncond_tensor = prompt_parser.reconstruct_cond_batch(uc, 0)
+    owner = torch.tensor([i for i, conds in enumerate(conds_list) for _ in conds], dtype=torch.long)
+    weight = torch.tensor([w for conds in conds_list for _, w in conds], dtype=torch.float32)
+    rows = [[(r, w) for r, w in conds] for conds in conds_list]
+    image_cond = p.txt2img_image_conditioning(x)
+    cond_kwargs = {"cond": _make_condition_dict(sd_model, cond_tensor, image_cond.index_select(0, owner.to(image_cond.device)), False)}
+    uncond_kwargs = {"cond": _make_condition_dict(sd_model, uncond_tensor, image_cond, True)}
+    batched = bool(getattr(shared.opts, "batch_cond_uncond", True))
+    if hasattr(sampler, "get_sigmas"):
+        sigmas = sampler.get_sigmas(p, p.steps).float()
+        sigma0 = float(sigmas[0])
+        sgm = bool(getattr(shared.opts, "sgm_noise_multiplier", False))
+        guidance = guidance_from_denoiser(sampler.model_wrap, sigma0, cond_kwargs, uncond_kwargs,
+                                          sgm_noise_multiplier=sgm, cond_image=owner, cond_weight=weight,
+                                          batched=batched, guidance_scale=p.cfg_scale)
+        return BatchGuidance(guidance, rows, sigmas, sigma0, True, ("k", sigma0, sgm), cond_tensor, uncond_tensor,
+                             image_cond, owner)
+    timesteps = sampler.get_timesteps(p, p.steps)
+    first_used = timesteps.flip(0).float().cpu()
+    t0 = float(first_used[0])
+    guidance = guidance_from_eps_model(sampler.model_wrap, t0, cond_kwargs, uncond_kwargs, cond_image=owner,
+                                       cond_weight=weight, batched=batched, guidance_scale=p.cfg_scale)
+    return BatchGuidance(guidance, rows, first_used, t0, False, ("t", t0), cond_tensor, uncond_tensor, image_cond,
+                         owner)
+
+
+def _image_key(p: Any, job: Job, bg: BatchGuidance, x: Tensor, i: int) -> str:
+    """Everything that determines image i's adjusted noise."""
+    rows = (bg.owner == i).nonzero().flatten()
+    return _digest(
+        getattr(p, "sd_model_hash", None),
+        str(getattr(p, "extra_network_data", None)),
+        bg.key_parts,
+        str(x.device),
+        x[i],
+        select_rows({"c": bg.cond_rows}, rows.to(x.device) if isinstance(bg.cond_rows, Tensor) else rows),
+        [w for _, w in bg.rows[i]],
+        select_rows({"u": bg.uncond_rows}, torch.tensor([i])),
+        bg.image_cond[i],
+        job.config.to_string(),
+    )
+
+
+# -- the mitigation of one batch ----------------------------------------------------------------------------------
+def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
+    """Adjusted noise for the current batch (same shape/dtype/device as ``x``); records per-image results."""
+    from modules import shared
+
+    state = shared.state
+    bg = guidance_for_batch(p, x, c, uc)
+    batch = x.shape[0]
+    offset = p.iteration * p.batch_size
+    keys = [_image_key(p, job, bg, x, i) for i in range(batch)]
+    cached = {i: job.cache.get(k) for i, k in enumerate(keys)}
+    hits = [i for i, v in cached.items() if v is not None]
+    z_new = x.detach().clone()
+    if hits:  # verify: the risk at the same noise must still agree (one evaluation per hit)
+        index = torch.tensor(hits)
+        risk = methods.risk_score(x.index_select(0, index.to(x.device)), bg.guidance.select(index))
+        for j, i in enumerate(hits):
+            entry = cached[i]
+            assert entry is not None
+            if math.isclose(float(risk[j]), entry.risk, rel_tol=VERIFY_RTOL, abs_tol=1e-6):
+                z_new[i] = entry.z.to(device=x.device, dtype=x.dtype)
+                job.records[offset + i] = ImageRecord(**{**entry.record.__dict__, "cached": True})
+            else:
+                cached[i] = None
+    misses = [i for i in range(batch) if cached[i] is None]
+
+    def should_stop() -> bool:
+        return bool(state.interrupted or state.skipped)
+
+    def progress(info: methods.ProgressInfo) -> None:
+        state.textinfo = (f"MemSafe {info.method}: iteration {info.iteration}/{info.max_iterations}, "
+                          f"{info.active} image(s) adjusting")
+        state.sampling_steps = info.max_iterations
+        state.sampling_step = info.iteration
+
+    uncond_images = torch.zeros(batch, dtype=torch.bool)
+    measure_from_sampler: list[int] = []
+    if misses:
+        index = torch.tensor(misses)
+        sub = bg.guidance if len(misses) == batch else bg.guidance.select(index)
+        result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
+                                      should_stop=should_stop, measure_after=False)
+        scaled = result.scaled
+        for j, i in enumerate(misses):
+            applied = result.applied[j]
+            limit = scaled.target if applied == "per_sample" else scaled.risk_threshold
+            after = float(result.norm_after[j])
+            record = ImageRecord(applied, float(result.norm_before[j]), after, int(result.iterations[j]), limit)
+            job.records[offset + i] = record
+            z_new[i] = result.z[j]
+            job.cache.put(keys[i], CachedNoise(result.z[j].detach().cpu().clone(), record.risk_before, record))
+            if math.isnan(after):
+                measure_from_sampler.append(i)
+    for i in range(batch):
+        record = job.records[offset + i]
+        uncond_images[i] = record.applied == "batch_wise" and job.config.uncond_steps > 0
+        if math.isnan(record.risk_after) and i not in measure_from_sampler:
+            measure_from_sampler.append(i)
+    if bool(uncond_images.any()) or measure_from_sampler:
+        job.sampling = SamplingContext(
+            denoiser=p.sampler.model_wrap_cfg, schedule=bg.schedule, uncond_steps=job.config.uncond_steps,
+            uncond_images=uncond_images, rows=bg.rows, k_diffusion=bg.k_diffusion, first_level=bg.first_level,
+            measure=[offset + i if i in measure_from_sampler else -1 for i in range(batch)])
+        job.install_callbacks()
+    else:
+        job.sampling = None
+    return z_new
+
+
+def before_sampling(p: Any, noise: Tensor, c: Any, uc: Any) -> None:
+    """``Script.process_before_every_sampling`` (A1111 >= 1.10): adjust ``noise`` in place, first pass only."""
+    job = getattr(p, JOB_ATTR, None)
+    if job is None or getattr(p, "is_hr_pass", False):
+        return
+    if job.error is not None:
+        _refuse_sampling(p.sampler, job.error)
+        return
+    if job.skipped_reason is not None:
+        return
+    try:
+        noise.copy_(mitigate_batch(p, job, noise, c, uc))
+    except Interrupted:
+        log.info("memsafe: interrupted/skipped while adjusting the noise; the sampler stops next")
+    except Exception as e:  # noqa: BLE001 - every failure must fail closed, not crash the WebUI
+        log.exception("memsafe: mitigation failed")
+        job_failed(p, job, e)
+        if job.error is not None:
+            _refuse_sampling(p.sampler, job.error)
+
+
+class _OneShotNoise:
+    """A1111 1.6-1.9: stands in for ``p.rng``; its first ``next()`` returns the adjusted noise (the sampler and
+    the conds exist by then, processing.py ``sample``), later calls (ancestral noise) pass through."""
+
+    def __init__(self, p: Any, rng: Any) -> None:
+        self._p, self._rng, self._used = p, rng, False
+
+    def next(self) -> Tensor:
+        x = self._rng.next()
+        if self._used:
+            return x
+        self._used = True
+        p = self._p
+        job = getattr(p, JOB_ATTR, None)
+        if job is None or getattr(p, "is_hr_pass", False) or job.skipped_reason is not None:
+            return x
+        if job.error is not None:
+            raise MemSafeError(f"{job.error} (no image was generated; MemSafe fails closed)")
+        try:
+            return mitigate_batch(p, job, x, p.c, p.uc)
+        except Interrupted:
+            return x
+        except Exception as e:  # noqa: BLE001
+            job_failed(p, job, e)
+            if job.error is not None:
+                raise MemSafeError(f"{job.error} (no image was generated; MemSafe fails closed)") from e
+            return x
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rng, name)
+
+
+def has_sampling_hook() -> bool:
+    """Whether this WebUI calls ``process_before_every_sampling`` (A1111 >= 1.10)."""
+    from modules import scripts
+
+    return hasattr(scripts.Script, "process_before_every_sampling")
+
+
+def before_batch(p: Any) -> None:
+    """``Script.process_batch``: on A1111 1.6-1.9 install the one-shot noise proxy for this batch."""
+    job = getattr(p, JOB_ATTR, None)
+    if job is None or has_sampling_hook() or isinstance(p.rng, _OneShotNoise):
+        return
+    p.rng = _OneShotNoise(p, p.rng)
+
+
+def finish_job(p: Any, processed: Any) -> None:
+    """``Script.postprocess``: per-image values become plain lists for the API (its JSON drops callables,
+    processing.py L607), warnings go to the comments shown in the UI, and the callbacks are removed."""
+    job = getattr(p, JOB_ATTR, None)
+    if job is None:
+        return
+    job.finish()
+    total = job.total_images(p)
+    params = p.extra_generation_params
+    if callable(params.get("MemSafe result")):
+        params["MemSafe result"] = [job.result_text(index=i) for i in range(total)]
+    if callable(params.get("MemSafe warning")):
+        warnings = [job.warning_text(index=i) for i in range(total)]
+        params["MemSafe warning"] = warnings if any(warnings) else None
+        notes = [f"MemSafe: image {i + 1} (seed {p.all_seeds[i]}): {w}" for i, w in enumerate(warnings) if w]
+        if notes and processed is not None:
+            processed.comments = (processed.comments or "") + "".join(n + "\n" for n in notes)
+    if job.skipped_reason and processed is not None:
+        processed.comments = (processed.comments or "") + f"MemSafe NOT APPLIED: {job.skipped_reason}\n"
