@@ -1,0 +1,351 @@
+"""The A1111 adapter and script, driven through a stand-in WebUI pipeline (tests/a1111_standin.py) with a real
+UNet and real k-diffusion samplers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import a1111_standin as webui
+import memsafe
+from memsafe import MitigationConfig, adjust_noise, guidance_from_denoiser
+from memsafe.hosts import a1111
+from memsafe.hosts.webui_args import ARG_NAMES, parse_script_args
+
+PARAMS = {"lr": 0.05, "target": 0.0, "max_iterations": 3, "rho": 3.0, "gamma": 0.7, "iterations": 2,
+          "uncond_steps": 2, "risk_threshold": 0.0, "scale_with_size": False}
+
+
+def on(method="per_sample", **fields):
+    """The script's arguments as the API's dict form: preset custom with small-model parameters."""
+    return [{"enabled": True, "method": method, "preset": "custom", **{**PARAMS, **fields}}]
+
+
+@pytest.fixture()
+def sd_model(unet):
+    return webui.StandInSDModel(unet)
+
+
+@pytest.fixture()
+def host(sd_model):
+    modules = webui.install(sd_model)
+    yield modules
+    webui.uninstall()
+
+
+@pytest.fixture()
+def script(host):
+    return webui.load_script().MemSafeScript()
+
+
+def make_p(sd_model, script, args, **kw):
+    p = webui.StandInTxt2Img(sd_model, **kw)
+    p.scripts = webui.ScriptRunner(script, has_sampling_hook=hasattr(
+        webui.sys.modules["modules.scripts"].Script, "process_before_every_sampling"))
+    p.script_args = tuple(args)
+    samplers = []
+    create = p.create_sampler
+
+    def recording():
+        samplers.append(create())
+        return samplers[-1]
+
+    p.create_sampler = recording
+    p.samplers = samplers
+    return p
+
+
+def run(sd_model, script, args, **kw):
+    p = make_p(sd_model, script, args, **kw)
+    return p, webui.run_job(p)
+
+
+def callbacks(host):
+    return [c for cbs in host.script_callbacks.callback_map.values() for c in cbs]
+
+
+def first_pass_noise(p):
+    return torch.stack([torch.randn((4, p.height // 8, p.width // 8), generator=torch.Generator().manual_seed(s))
+                        for s in p.all_seeds])
+
+
+def reference_guidance(sd_model, p, sigma0):
+    c = webui.reconstruct_cond_batch([[webui.ScheduledPromptConditioning(p.steps, webui.encode(t))]
+                                      for t in p.all_prompts], 0)
+    uc = webui.reconstruct_cond_batch([[webui.ScheduledPromptConditioning(p.steps, webui.encode(""))]]
+                                      * len(p.all_prompts), 0)
+    ic = torch.zeros(len(p.all_prompts), 5, 1, 1)
+    denoiser = webui.K.external.CompVisDenoiser(sd_model)
+    cond = {"cond": {"c_crossattn": [c], "c_concat": [ic]}}
+    uncond = {"cond": {"c_crossattn": [uc], "c_concat": [ic]}}
+    return denoiser, cond, uncond, guidance_from_denoiser(denoiser, sigma0, cond, uncond)
+
+
+@pytest.mark.parametrize("method", ["per_sample", "batch_wise"])
+def test_the_sampler_starts_from_the_adjusted_noise(host, sd_model, script, method):
+    p, processed = run(sd_model, script, on(method), batch_size=2)
+    sampler = p.samplers[0]
+    sigmas = sampler.get_sigmas(p, p.steps)
+    _, _, _, guidance = reference_guidance(sd_model, p, float(sigmas[0]))
+    config = parse_script_args(on(method)).resolve("sd1")
+    expected = adjust_noise(first_pass_noise(p), guidance, config).z
+    torch.testing.assert_close(sampler.started_from / sigmas[0], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(expected, first_pass_noise(p))
+    assert "MemSafe: method=" in processed.infotexts[0] and f"MemSafe result: {method}" in processed.infotexts[1]
+
+
+def test_batch_wise_samples_its_first_steps_without_the_prompt(host, sd_model, script):
+    """The whole image equals the core's reference: adjusted noise + CFG with the first K steps unconditional."""
+    p, processed = run(sd_model, script, on("batch_wise"), batch_size=2)
+    sigmas = p.samplers[0].get_sigmas(p, p.steps)
+    denoiser, cond, uncond, guidance = reference_guidance(sd_model, p, float(sigmas[0]))
+    config = parse_script_args(on("batch_wise")).resolve("sd1")
+    res = adjust_noise(first_pass_noise(p), guidance, config)
+    model = memsafe.CFGDenoiser(denoiser, cond, uncond, p.cfg_scale, sigmas=sigmas, uncond_steps=2,
+                                uncond_images=res.uncond_images)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = webui.K.sampling.sample_euler(model, res.z * sigmas[0], sigmas, disable=True)
+        without_uncond_steps = webui.K.sampling.sample_euler(
+            memsafe.CFGDenoiser(denoiser, cond, uncond, p.cfg_scale), res.z * sigmas[0], sigmas, disable=True)
+    images = torch.stack(processed.images)
+    torch.testing.assert_close(images, expected, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(images, without_uncond_steps, atol=1e-3)
+    # risk after adjustment was read from the sampler's first step, free: it equals a direct evaluation
+    job = p.memsafe_job
+    with torch.no_grad():
+        direct = guidance(res.z).flatten(1).norm(dim=1)
+    measured = torch.tensor([job.records[i].risk_after for i in range(2)])
+    torch.testing.assert_close(measured, direct, rtol=1e-3, atol=1e-5)
+
+
+def test_off_is_bit_identical_to_no_extension(host, sd_model, script):
+    _, without = run(sd_model, script, [], batch_size=2)
+    p, disabled = run(sd_model, script, [False, "per_sample"], batch_size=2)
+    assert torch.equal(torch.stack(without.images), torch.stack(disabled.images))
+    assert p.extra_generation_params == {} and not hasattr(p, a1111.JOB_ATTR)
+    assert callbacks(host) == []
+
+
+def test_a_seed_inside_a_batch_gives_the_same_image_as_alone(host, sd_model, script):
+    host.shared.opts.memsafe_cache_size = 0  # compute both, no reuse
+    _, batch = run(sd_model, script, on("per_sample"), batch_size=3, seed=20)
+    p, alone = run(sd_model, script, on("per_sample"), batch_size=1, seed=21)
+    torch.testing.assert_close(alone.images[0], batch.images[1], rtol=1e-3, atol=1e-3)
+    assert "cached" not in alone.infotexts[0]
+
+
+def test_rerunning_a_seed_reuses_its_adjusted_noise(host, sd_model, script):
+    _, first = run(sd_model, script, on("per_sample", max_iterations=8), batch_size=2, seed=30)
+    calls_before = sd_model.calls
+    p, again = run(sd_model, script, on("per_sample", max_iterations=8), batch_size=1, seed=31)
+    assert "cached" in again.infotexts[0]
+    torch.testing.assert_close(again.images[0], first.images[1], rtol=1e-3, atol=1e-3)
+    sampling_calls = p.steps * 1  # euler: one batched CFG call per step
+    assert sd_model.calls - calls_before == sampling_calls + 1  # + the verification of the cached entry
+    # another prompt is a different key: no reuse
+    _, other = run(sd_model, script, on("per_sample", max_iterations=8), batch_size=1, seed=31, prompt="a dog")
+    assert "cached" not in other.infotexts[0]
+
+
+def test_hires_pass_is_untouched(host, sd_model, script):
+    p, _ = run(sd_model, script, on("batch_wise"), batch_size=2, enable_hr=True)
+    assert torch.equal(p.hr_noise, p.hr_noise_before_hook)
+    assert len(p.samplers) == 2 and callbacks(host) == []
+
+
+def test_ddim_starts_from_the_adjusted_noise_unscaled(host, sd_model, script):
+    p, processed = run(sd_model, script, on("per_sample"), batch_size=2, sampler_name="ddim")
+    sampler = p.samplers[0]
+    t0 = float(sampler.get_timesteps(p, p.steps)[-1])
+    c = torch.stack([webui.encode(t) for t in p.all_prompts])
+    uc = torch.stack([webui.encode("")] * 2)
+    ic = torch.zeros(2, 5, 1, 1)
+    guidance = memsafe.guidance_from_eps_model(sampler.model_wrap, t0, {"cond": {"c_crossattn": [c], "c_concat": [ic]}},
+                                               {"cond": {"c_crossattn": [uc], "c_concat": [ic]}})
+    expected = adjust_noise(first_pass_noise(p), guidance, parse_script_args(on()).resolve("sd1")).z
+    torch.testing.assert_close(sampler.started_from, expected, rtol=1e-4, atol=1e-4)
+    assert all(torch.isfinite(img).all() for img in processed.images)
+
+
+def test_webui_before_1_10_uses_the_one_shot_rng_proxy_with_the_same_result(sd_model, unet):
+    webui.install(sd_model)
+    script = webui.load_script().MemSafeScript()
+    _, new = run(sd_model, script, on("per_sample"), batch_size=2, sampler_name="sample_euler_ancestral")
+    old_host = webui.install(sd_model, has_sampling_hook=False)
+    try:
+        script = webui.load_script().MemSafeScript()
+        p, old = run(sd_model, script, on("per_sample"), batch_size=2, sampler_name="sample_euler_ancestral")
+        assert isinstance(p.rng, a1111._OneShotNoise)
+        torch.testing.assert_close(torch.stack(old.images), torch.stack(new.images), rtol=1e-4, atol=1e-4)
+        assert callbacks(old_host) == []
+    finally:
+        webui.uninstall()
+
+
+def test_callbacks_are_removed_after_an_exception(host, sd_model, script):
+    p = make_p(sd_model, script, on("batch_wise"), batch_size=2)
+    original = webui.StandInKDiffusionSampler.sample
+
+    def crash(self, *a, **k):
+        assert len(callbacks(host)) == 2  # installed for this job...
+        raise RuntimeError("out of memory (simulated)")
+
+    webui.StandInKDiffusionSampler.sample = crash
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            webui.run_job(p)
+    finally:
+        webui.StandInKDiffusionSampler.sample = original
+    assert callbacks(host) == [] and p.closed  # ...and gone although postprocess never ran
+
+
+def test_callbacks_ignore_other_jobs_samplers(host, sd_model, script):
+    """A nested job (ADetailer) or the hires pass sample with another CFG denoiser: the callbacks stay inert."""
+    p = make_p(sd_model, script, on("batch_wise"), batch_size=1)
+    original = webui.StandInKDiffusionSampler.sample
+    seen = []
+
+    def nested_job_first(self, *a, **k):
+        other = webui.StandInKDiffusionSampler("sample_euler", sd_model)
+        x_out = torch.ones(2, 4, 8, 8)
+        x_out[1] = 5.0
+        params = webui.CFGDenoiserParams(x_out, None, torch.tensor([100.0]), 0, 0, None, None, other.model_wrap_cfg)
+        host.script_callbacks.cfg_denoiser_callback(params)
+        host.script_callbacks.cfg_denoised_callback(webui.CFGDenoisedParams(x_out, 0, 0, None))
+        seen.append((len(callbacks(host)), bool(x_out[0].eq(1.0).all())))
+        return original(self, *a, **k)
+
+    webui.StandInKDiffusionSampler.sample = nested_job_first
+    try:
+        processed = webui.run_job(p)
+    finally:
+        webui.StandInKDiffusionSampler.sample = original
+    assert seen == [(2, True)]  # callbacks were live, yet the other sampler's x_out stayed untouched
+    assert "MemSafe result: batch_wise" in processed.infotexts[0]
+    assert callbacks(host) == [] and host.script_callbacks.errors == []
+
+
+@pytest.mark.parametrize(("kw", "args", "match"), [
+    ({}, on(rho=-1.0), "rho"),
+    ({"cfg_scale": 1.0}, on(), "CFG scale"),
+    ({"steps": 2}, on("batch_wise", uncond_steps=2), "uncond_steps"),
+])
+def test_requests_that_cannot_be_mitigated_stop_the_job(host, sd_model, script, kw, args, match):
+    p = make_p(sd_model, script, args, batch_size=1, **kw)
+    with pytest.raises(a1111.MemSafeError, match=match):
+        webui.run_job(p)
+    assert callbacks(host) == []
+
+
+def test_model_nan_fails_closed_and_the_continue_policy_says_so(host, unet, script):
+    broken = webui.StandInSDModel(unet, fail_with_nan=True)
+    with pytest.raises(a1111.MemSafeError, match="NaN"):
+        run(broken, script, on("per_sample"), batch_size=1)
+    host.shared.opts.memsafe_fail_policy = a1111.FAIL_CONTINUE
+    p, processed = run(broken, script, on("per_sample"), batch_size=1)
+    assert "MemSafe result: NOT APPLIED" in processed.infotexts[0]
+    assert "NOT APPLIED" in processed.comments
+
+
+def test_interrupt_stops_the_optimizer_within_an_iteration(host, sd_model, script):
+    class State:
+        def __init__(self):
+            self.interrupted = self.skipped = False
+            self.sampling_step = self.sampling_steps = 0
+            self.updates = 0
+
+        @property
+        def textinfo(self):
+            return ""
+
+        @textinfo.setter
+        def textinfo(self, value):
+            self.updates += 1
+            self.interrupted = self.updates >= 2  # the user presses Interrupt during iteration 2
+
+    host.shared.state = State()
+    p, processed = run(sd_model, script, on("per_sample", max_iterations=500), batch_size=1)
+    assert host.shared.state.updates == 2 and sd_model.calls <= 3
+    assert callbacks(host) == []
+
+
+def test_per_image_results_warnings_and_api_lists(host, sd_model, script):
+    p, processed = run(sd_model, script, on("per_sample", max_iterations=2, target=0.0), batch_size=2, n_iter=2)
+    results = p.extra_generation_params["MemSafe result"]
+    warnings = p.extra_generation_params["MemSafe warning"]
+    assert isinstance(results, list) and len(results) == 4 and all(r.startswith("per_sample") for r in results)
+    assert len(warnings) == 4 and all("still at risk" in w for w in warnings)
+    assert "MemSafe warning: still at risk" in processed.infotexts[3]
+    assert processed.comments.count("MemSafe: image") == 4
+
+
+def test_auto_leaves_low_risk_images_alone(host, sd_model, script):
+    p, processed = run(sd_model, script, on("auto", risk_threshold=1e5), batch_size=2)
+    assert all("MemSafe result: none" in t for t in processed.infotexts)
+    torch.testing.assert_close(p.samplers[0].started_from / p.samplers[0].get_sigmas(p, p.steps)[0],
+                               first_pass_noise(p))
+
+
+def test_and_prompts_and_separate_cond_uncond_calls(host, sd_model, script):
+    host.shared.opts.batch_cond_uncond = False
+    p, processed = run(sd_model, script, on("per_sample"), batch_size=2, prompt="a red circle AND a hat :0.5")
+    assert all("MemSafe result: per_sample" in t for t in processed.infotexts)
+
+
+def test_xyz_axis_values_override_the_arguments(host, sd_model, script):
+    p = make_p(sd_model, script, on("per_sample"), batch_size=1)
+    p.memsafe_target = 0.25
+    p.memsafe_method = "batch_wise"
+    processed = webui.run_job(p)
+    config = MitigationConfig.from_string(p.extra_generation_params["MemSafe"])
+    assert config.method == "batch_wise" and config.target == 0.25
+    assert "MemSafe result: batch_wise" in processed.infotexts[0]
+    p = make_p(sd_model, script, on("per_sample"), batch_size=1)
+    p.memsafe_enabled = "false"
+    webui.run_job(p)
+    assert p.extra_generation_params == {}
+
+
+def test_infotext_round_trip_restores_the_exact_config(host, sd_model, script):
+    components = script.ui(False)
+    assert len(components) == len(ARG_NAMES)
+    p, processed = run(sd_model, script, on("per_sample", lr=0.0123, target=0.5), batch_size=1)
+    pasted = {"MemSafe": p.extra_generation_params["MemSafe"]}
+    args = [read(pasted) for _, read in script.infotext_fields]
+    restored = parse_script_args(args).resolve("sd1")
+    assert restored == MitigationConfig.from_string(p.extra_generation_params["MemSafe"])
+    assert restored.lr == 0.0123 and restored.target == 0.5 and restored.method == "per_sample"
+    assert [read({}) for _, read in script.infotext_fields][0] is False  # no MemSafe in the infotext: off
+
+
+def test_img2img_ui_has_no_arguments(host, script):
+    assert script.ui(True) == []
+
+
+def test_the_script_registers_startup_callbacks_only(host):
+    webui.load_script()
+    assert sorted(h for h, _ in host.script_callbacks.startup) == ["on_app_started", "on_before_ui", "on_ui_settings"]
+    assert callbacks(host) == []
+
+
+def test_model_family_detection():
+    ns = webui.types.SimpleNamespace
+    assert a1111.model_family(ns(is_sdxl=True)) == "sdxl"
+    assert a1111.model_family(ns(is_sdxl=False, is_sd2=True, parameterization="v")) == "sd2-v"
+    assert a1111.model_family(ns(is_sdxl=False, is_sd2=True, parameterization="eps")) == "sd2"
+    assert a1111.model_family(ns()) == "sd1"
+
+
+def test_noise_cache_is_bounded():
+    cache = a1111.NoiseCache(capacity=2)
+    record = a1111.ImageRecord("per_sample", 1.0)
+    for key in "abc":
+        cache.put(key, a1111.CachedNoise(torch.zeros(1), 1.0, record))
+    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is not None
+    cache.resize(0)
+    cache.put("d", a1111.CachedNoise(torch.zeros(1), 1.0, record))
+    assert len(cache) == 0
+    assert math.isnan(a1111.ImageRecord("batch_wise", 2.0).risk_after)
