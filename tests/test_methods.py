@@ -315,7 +315,7 @@ def test_progress_reports_every_iteration(guidance, batch):
 
 def test_size_scaling_is_applied_to_the_target(guidance, batch):
     z, *_ = batch  # 4x8x8 = 256 elements: scale sqrt(256/16384) = 1/8
-    res = adjust_noise(z, guidance, MitigationConfig(method="auto", risk_threshold=8.0))
+    res = adjust_noise(z, guidance, MitigationConfig(method="auto", risk_threshold=8.0, max_iterations=2))
     assert res.scaled.scale == pytest.approx(0.125) and res.scaled.risk_threshold == pytest.approx(1.0)
     assert res.applied == ["per_sample" if r >= 1.0 else "none" for r in res.risk.tolist()]
 
