@@ -269,6 +269,7 @@ def test_interrupt_stops_the_optimizer_within_an_iteration(host, sd_model, scrip
     host.shared.state = State()
     p, processed = run(sd_model, script, on("per_sample", max_iterations=500), batch_size=1)
     assert host.shared.state.updates == 2 and sd_model.calls <= 3
+    assert "MemSafe result: interrupted" in processed.infotexts[0]
     assert callbacks(host) == []
 
 

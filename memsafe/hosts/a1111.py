@@ -158,6 +158,8 @@ class ImageRecord:
         return self.risk_after > self.limit  # NaN compares False
 
     def infotext(self) -> str:
+        if self.applied == "interrupted":
+            return "interrupted before mitigation finished"
         after = "" if math.isnan(self.risk_after) else f"->{self.risk_after:.4g}"
         parts = [self.applied, f"risk {self.risk_before:.4g}{after}"]
         if self.applied == "per_sample":
@@ -538,12 +540,21 @@ def before_sampling(p: Any, noise: Tensor, c: Any, uc: Any) -> None:
     try:
         noise.copy_(mitigate_batch(p, job, noise, c, uc))
     except Interrupted:
-        log.info("memsafe: interrupted/skipped while adjusting the noise; the sampler stops next")
+        _record_interrupted(p, job, noise.shape[0])
     except Exception as e:  # noqa: BLE001 - every failure must fail closed, not crash the WebUI
         log.exception("memsafe: mitigation failed")
         job_failed(p, job, e)
         if job.error is not None:
             _refuse_sampling(p.sampler, job.error)
+
+
+def _record_interrupted(p: Any, job: Job, batch: int) -> None:
+    """Interrupt/Skip during the adjustment: the sampler stops at its first step (state.interrupted/skipped), so
+    these images are not generated from unmitigated noise; the infotext says what happened."""
+    log.info("memsafe: interrupted/skipped while adjusting the noise; the sampler stops next")
+    offset = p.iteration * p.batch_size
+    for i in range(batch):
+        job.records[offset + i] = ImageRecord("interrupted", math.nan)
 
 
 class _OneShotNoise:
@@ -567,6 +578,7 @@ class _OneShotNoise:
         try:
             return mitigate_batch(p, job, x, p.c, p.uc)
         except Interrupted:
+            _record_interrupted(p, job, x.shape[0])
             return x
         except Exception as e:  # noqa: BLE001
             job_failed(p, job, e)

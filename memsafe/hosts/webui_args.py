@@ -8,7 +8,7 @@ Positional order (``alwayson_scripts: {"memsafe": {"args": [...]}}``; missing tr
     3.. the MitigationConfig fields in FIELD_ORDER, used only with preset "custom"
 
 Or one dict in slot 0: ``{"enabled": true, "method": "per_sample", "preset": "sdxl", "target": 1.2}``: the
-preset's values (auto: by model family) with the given fields on top. Every key other than ``enabled`` and
+preset's values (auto: by model family) with the given fields on top; the other slots are then ignored. Every key other than ``enabled`` and
 ``preset`` must be a MitigationConfig field name.
 """
 
@@ -85,8 +85,7 @@ def parse_script_args(args: Sequence[Any] | None) -> ScriptRequest:
     the other values, so a disabled MemSafe never stands in the way of a generation."""
     args = list(args or [])
     if args and isinstance(args[0], Mapping):
-        if len(args) > 1 and any(a is not None for a in args[1:]):
-            raise ConfigError("args", "give either one dict in slot 0 or positional values, not both")
+        # The WebUI's API fills the slots after the dict with the UI's defaults (api.py L315-361): ignore them.
         named = dict(args[0])
     else:
         if len(args) > len(ARG_NAMES):
