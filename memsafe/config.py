@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 METHODS = ("off", "batch_wise", "per_sample", "auto")
 AUTO_METHODS = ("batch_wise", "per_sample")
+GRADIENTS = ("autograd", "finite_difference")
 REFERENCE_NUMEL = 4 * 64 * 64  # SD1 latent at 512 px, where the paper's numbers were measured
 SD_SIGMA_MAX = 14.614642  # first k-diffusion sigma of SD1/SD2's 1000-step scaled-linear schedule
 
@@ -55,13 +56,18 @@ _FIELDS: dict[str, _Field] = {
     ),
     "max_iterations": _Field(int, 1, 10000, doc="per-sample iteration cap per image"),
     "weight_decay": _Field(float, 0.0, 1.0, doc="per-sample AdamW weight decay"),
+    "gradient": _Field(str, choices=GRADIENTS,
+                       doc="per-sample gradient: autograd (the paper: backprop through the model) or "
+                           "finite_difference (two forward passes, no activations kept)"),
+    "fd_radius": _Field(float, 0.0, 1e3, low_open=True,
+                        doc="finite_difference: probe distance along eps_tilde/||eps_tilde|| (at 16384 elements)"),
     "risk_threshold": _Field(
         float, 0.0, 1e6, doc="auto: images with risk >= this are adjusted (at 16384 elements)"
     ),
     "auto_method": _Field(str, choices=AUTO_METHODS, doc="auto: the method applied to images at risk"),
     "scale_with_size": _Field(bool, doc="scale rho, target and risk_threshold by sqrt(numel / 16384)"),
 }
-_SCALED_FIELDS = ("rho", "target", "risk_threshold")
+_SCALED_FIELDS = ("rho", "target", "risk_threshold", "fd_radius")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -104,6 +110,7 @@ class ScaledParams:
     target: float
     risk_threshold: float
     scale: float  # sqrt(numel / 16384), or 1 when scale_with_size is off
+    fd_radius: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ class MitigationConfig:
     target: float = 0.9
     max_iterations: int = 1000
     weight_decay: float = 0.01
+    gradient: str = "autograd"
+    fd_radius: float = 1.0
     # auto
     risk_threshold: float = 0.9
     auto_method: str = "per_sample"
@@ -141,7 +150,8 @@ class MitigationConfig:
         if numel <= 0:
             raise ConfigError("latent size", f"got {numel} elements per image; allowed: a positive integer")
         scale = math.sqrt(numel / REFERENCE_NUMEL) if self.scale_with_size else 1.0
-        return ScaledParams(self.rho * scale, self.target * scale, self.risk_threshold * scale, scale)
+        return ScaledParams(self.rho * scale, self.target * scale, self.risk_threshold * scale, scale,
+                            self.fd_radius * scale)
 
     @property
     def applied_method(self) -> str:

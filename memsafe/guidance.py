@@ -200,6 +200,11 @@ class Guidance:
         cond_part, uncond_part = self.pair(z)
         return cond_part - uncond_part
 
+    @property
+    def last_call(self) -> DenoiserCall | None:
+        """The last forward-only model call (denoiser-based guidance only), else None."""
+        return getattr(self._eps_fn, "last", None)
+
     def select(self, index: Tensor) -> Guidance:
         """The same guidance restricted to images ``index`` (in that order); shares the call counter."""
         index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
@@ -259,15 +264,37 @@ def guidance_from_denoiser(
     check_guidance_scale(guidance_scale)
     sigma = _positive_float("sigma", sigma)
     x_scale = math.sqrt(1.0 + sigma * sigma) if sgm_noise_multiplier else sigma
-
-    def eps_fn(z_rows: Tensor, kwargs: Conditioning) -> Tensor:
-        x = z_rows * x_scale
-        if model_dtype is not None:
-            x = x.to(model_dtype)
-        sigmas = torch.full((z_rows.shape[0],), sigma, device=z_rows.device, dtype=x.dtype)
-        return (x - denoiser(x, sigmas, **kwargs)) / sigma
-
+    eps_fn = _DenoiserEps(denoiser, sigma, x_scale, model_dtype)
     return Guidance(eps_fn, cond, uncond, cond_image=cond_image, cond_weight=cond_weight, batched=batched)
+
+
+@dataclass
+class DenoiserCall:
+    """The last forward-only call of a denoiser by a guidance: a sampler's first step at the same ``x`` and
+    ``sigma`` with the same conditioning would compute exactly ``denoised`` again (see CFGDenoiser's ``reuse``)."""
+
+    x: Tensor
+    sigma: Tensor
+    kwargs: Conditioning
+    denoised: Tensor
+
+
+class _DenoiserEps:
+    """eps rows from a k-diffusion denoiser at one noise level; remembers its last forward-only call."""
+
+    def __init__(self, denoiser: Callable[..., Tensor], sigma: float, x_scale: float,
+                 model_dtype: torch.dtype | None) -> None:
+        self.denoiser, self.sigma, self.x_scale, self.model_dtype = denoiser, sigma, x_scale, model_dtype
+        self.last: DenoiserCall | None = None
+
+    def __call__(self, z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+        x = z_rows * self.x_scale
+        if self.model_dtype is not None:
+            x = x.to(self.model_dtype)
+        sigmas = torch.full((z_rows.shape[0],), self.sigma, device=z_rows.device, dtype=x.dtype)
+        denoised = self.denoiser(x, sigmas, **kwargs)
+        self.last = None if denoised.requires_grad else DenoiserCall(x, sigmas, kwargs, denoised)
+        return (x - denoised) / self.sigma
 
 
 def guidance_from_eps_model(

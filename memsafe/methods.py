@@ -94,28 +94,27 @@ class _Evaluator:
         self._guidance = guidance
         self._z_full = z_full
         self._evaluations = evaluations
-        self._subset_key: tuple[int, ...] | None = None
-        self._subset: GuidanceFn | None = None
+        self._subsets: dict[tuple[int, ...], GuidanceFn] = {}  # recent restrictions (chunks alternate)
 
     def _restricted(self, index: Tensor) -> GuidanceFn:
         batch = self._z_full.shape[0]
         key = tuple(index.tolist())
         if key == tuple(range(batch)):
             return self._guidance
-        if key != self._subset_key:
+        if key not in self._subsets:
+            if len(self._subsets) >= 16:
+                self._subsets.pop(next(iter(self._subsets)))
             select = getattr(self._guidance, "select", None)
             if select is not None:
-                self._subset = select(index.cpu())
+                self._subsets[key] = select(index.cpu())
             else:
                 # A plain callable: evaluate the whole batch with these rows replaced (correct, not cheaper).
                 def subset(z_rows: Tensor, _index: Tensor = index) -> Tensor:
                     z_all = self._z_full.detach().clone().index_put((_index,), z_rows)
                     return self._guidance(z_all).index_select(0, _index)
 
-                self._subset = subset
-            self._subset_key = key
-        assert self._subset is not None
-        return self._subset
+                self._subsets[key] = subset
+        return self._subsets[key]
 
     def pair(self, z_rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         fn = self._restricted(index)
@@ -192,11 +191,19 @@ def _per_sample(
     scaled: ScaledParams,
     report: Callable[[int, int, Tensor, int], None],
     should_stop: Callable[[], bool] | None,
+    max_batch: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Paper Alg. 2 for every image ``index`` of ``z`` at once (in place): per-image AdamW state, step counts and
     stopping, so each image follows exactly the trajectory it would follow alone. An image stops as soon as its
     norm is <= target (checked before each step, as the paper's code does) or after ``max_iterations`` steps; a
-    stopped image is no longer evaluated. Returns per-image (norm_before, norm_after, steps)."""
+    stopped image is no longer evaluated. Returns per-image (norm_before, norm_after, steps).
+
+    The gradient of ``||eps_tilde||`` is ``J^T u`` (``J = d eps_tilde / dz``, ``u = eps_tilde / ||eps_tilde||``):
+    by backprop (``gradient="autograd"``, the paper), or forward-only as ``(eps_tilde(z + h u) - eps_tilde(z)) / h``
+    (``"finite_difference"``), which is ``J u``: equal to ``J^T u`` for a conservative field such as a score
+    model's, the same assumption behind the batch-wise method's probe. Model calls take at most ``max_batch``
+    images; on a CUDA out-of-memory error the batch is halved and the iteration retried.
+    """
     n = index.numel()
     device = z.device
     z_rows = z.index_select(0, index)
@@ -206,6 +213,7 @@ def _per_sample(
     norm_before = torch.full((n,), math.nan, device=device)
     norm_after = torch.full((n,), math.nan, device=device)
     grad = torch.zeros_like(z_rows)
+    chunk = max(1, max_batch or n)
     # One host sync per iteration (reading which images are still active) lets finished images leave the
     # model's batch; it is negligible next to a forward and backward pass through the model.
     for it in range(config.max_iterations + 1):
@@ -213,36 +221,76 @@ def _per_sample(
         live = active.nonzero().flatten()
         if live.numel() == 0:
             break
-        z_live = z_rows.index_select(0, live).requires_grad_(True)
-        with torch.enable_grad():
-            outputs = ev.pair(z_live, index.index_select(0, live.to(index.device)))
-        d = ops.guidance_diff_norm(
-            outputs[0].detach(), outputs[1].detach(), active=torch.ones_like(live, dtype=torch.bool)
-        )
-        _check_finite(d.norms, index.index_select(0, live.to(index.device)), f"per-sample iteration {it}")
+        while True:
+            try:
+                grad.zero_()
+                norms, keep = _norms_and_gradients(z_rows, live, index, ev, config, scaled, steps, grad, it, chunk)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk = max(1, min(chunk, live.numel()) // 2)
+                torch.cuda.empty_cache()
         if it == 0:
-            norm_before.index_copy_(0, live, d.norms)
-        norm_after.index_copy_(0, live, d.norms)
-        keep = ops.stop_test(
-            d.norms,
-            steps.index_select(0, live),
-            torch.ones_like(live, dtype=torch.bool),
-            scaled.target,
-            config.max_iterations,
-        )
+            norm_before.index_copy_(0, live, norms)
+        norm_after.index_copy_(0, live, norms)
         active.index_copy_(0, live, keep)
         report(it, config.max_iterations, norm_after, int(keep.sum()))
         if not bool(keep.any()):
             break
-        assert d.seed is not None
-        seed = d.seed * keep.view(-1, 1, 1, 1).to(d.seed.dtype)
-        grad.zero_().index_copy_(0, live, ev.vjp(z_live, outputs, seed, int(keep.sum())))
-        del outputs, z_live
-        ops.adamw_step_(
-            z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr, weight_decay=config.weight_decay
-        )
+        ops.adamw_step_(z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr,
+                        weight_decay=config.weight_decay)
     z.index_copy_(0, index, z_rows)
     return norm_before.cpu(), norm_after.cpu(), steps.cpu()
+
+
+def _norms_and_gradients(
+    z_rows: Tensor,
+    live: Tensor,
+    index: Tensor,
+    ev: _Evaluator,
+    config: MitigationConfig,
+    scaled: ScaledParams,
+    steps: Tensor,
+    grad: Tensor,
+    it: int,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """Norms of the ``live`` images and whether each goes on; writes the gradient of those that go on into
+    ``grad`` (rows of ``z_rows``). Works through ``live`` in chunks of ``chunk`` images."""
+    all_norms, all_keep = [], []
+    for rows in live.split(chunk):
+        images = index.index_select(0, rows.to(index.device))
+        everyone = torch.ones_like(rows, dtype=torch.bool)
+        if config.gradient == "autograd":
+            z_live = z_rows.index_select(0, rows).requires_grad_(True)
+            with torch.enable_grad():
+                outputs = ev.pair(z_live, images)
+            d = ops.guidance_diff_norm(outputs[0].detach(), outputs[1].detach(), active=everyone)
+            _check_finite(d.norms, images, f"per-sample iteration {it}")
+            keep = ops.stop_test(d.norms, steps.index_select(0, rows), everyone, scaled.target,
+                                 config.max_iterations)
+            if bool(keep.any()):
+                assert d.seed is not None
+                seed = d.seed * keep.view(-1, 1, 1, 1).to(d.seed.dtype)
+                grad.index_copy_(0, rows, ev.vjp(z_live, outputs, seed, int(keep.sum())))
+            del outputs, z_live
+        else:
+            z_live = z_rows.index_select(0, rows)
+            d = ev.diff_norm(z_live, images, f"per-sample iteration {it}", active=everyone)
+            keep = ops.stop_test(d.norms, steps.index_select(0, rows), everyone, scaled.target,
+                                 config.max_iterations)
+            going = keep.nonzero().flatten()
+            if going.numel() > 0:
+                assert d.seed is not None
+                h = scaled.fd_radius
+                probe = ev.diff_norm(z_live.index_select(0, going) + h * d.seed.index_select(0, going),
+                                     images.index_select(0, going.to(images.device)), f"per-sample probe {it}")
+                estimate = (probe.diff.float() - d.diff.index_select(0, going).float()) / h
+                grad.index_copy_(0, rows.index_select(0, going), estimate)
+        all_norms.append(d.norms)
+        all_keep.append(keep)
+    return torch.cat(all_norms), torch.cat(all_keep)
 
 
 def _poll(should_stop: Callable[[], bool] | None) -> None:
@@ -268,6 +316,7 @@ def adjust_noise(
     progress: Callable[[ProgressInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     measure_after: bool = True,
+    max_batch: int | None = None,
 ) -> AdjustResult:
     """Adjust the initial noise ``z`` ([B, C, H, W], unit variance) per ``config.method``.
 
@@ -280,6 +329,7 @@ def adjust_noise(
     ``progress`` is called after every iteration; ``should_stop()`` is polled before every iteration and stops
     the work by raising :class:`memsafe.Interrupted`. With ``measure_after`` (default), batch-wise spends one more
     evaluation to measure ``norm_after`` (a host can instead read it from its first sampling step).
+    ``max_batch`` caps the images per model call of the per-sample method (memory; results are the same).
     Identical inputs give bit-identical outputs on the same device.
     """
     if not isinstance(config, MitigationConfig):
@@ -347,7 +397,7 @@ def adjust_noise(
             else:
                 norm_after[index.cpu()] = math.nan
         else:
-            before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop)
+            before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop, max_batch)
             if config.method != "auto":
                 norm_before[index.cpu()] = before
             norm_after[index.cpu()] = after

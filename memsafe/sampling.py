@@ -5,20 +5,33 @@ this wrapper serves library users, the lab and the tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .guidance import Conditioning, concat_rows
+from .guidance import Conditioning, Guidance, concat_rows
 from .methods import uncond_only
+
+
+def _same_rows(a: object, b: object) -> bool:
+    """Whether two conditionings hold the same values (tensors compared exactly)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a)))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_rows(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_rows(x, y) for x, y in zip(a, b))
+    return a is b or a == b
 
 
 class CFGDenoiser:
     """``D_cfg(x, sigma) = D_u + scale * (D_c - D_u)`` around a denoiser ``D(x, sigma, **kwargs)``.
 
     Images flagged in ``uncond_images`` get ``D_u`` alone while ``uncond_only(sigma, sigmas, uncond_steps)``
-    (the first ``uncond_steps`` steps of the schedule ``sigmas``). One cond row per image.
+    (the first ``uncond_steps`` steps of the schedule ``sigmas``). One cond row per image. With ``reuse`` (a
+    Guidance built on the same denoiser and conditioning), a first call identical to the guidance's last
+    forward-only call takes its result instead of calling the model again (bit-identical).
     """
 
     def __init__(
@@ -32,6 +45,7 @@ class CFGDenoiser:
         uncond_steps: int = 0,
         uncond_images: Tensor | None = None,
         batched: bool = True,
+        reuse: Guidance | None = None,
     ) -> None:
         if uncond_steps > 0 and sigmas is None:
             raise ValueError("memsafe: uncond_steps > 0 needs the sampler's sigmas")
@@ -41,14 +55,33 @@ class CFGDenoiser:
         self.uncond_steps = uncond_steps
         self.uncond_images = uncond_images
         self.both = concat_rows(cond, uncond) if batched else None
-        self.calls = 0
+        self.reuse = reuse
+        self.calls = 0  # model calls made
+        self.reused = 0  # model calls saved by reusing the guidance's last call
+
+    def _reusable(self, x_in: Tensor, sigma_in: Tensor) -> Tensor | None:
+        """The guidance's last model output if it was computed for exactly this call (auto mode's risk
+        evaluation is the first sampling step's CFG call when the noise was left unchanged)."""
+        last = self.reuse.last_call if self.reuse is not None else None
+        if last is None or last.x.shape != x_in.shape or not torch.equal(last.x, x_in):
+            return None
+        if not torch.equal(last.sigma.to(sigma_in), sigma_in) or not _same_rows(last.kwargs, self.both):
+            return None
+        self.reuse = None  # once: the sampler's first step
+        return last.denoised
 
     def __call__(self, x: Tensor, sigma: Tensor, **_: object) -> Tensor:
-        self.calls += 1
         if self.both is not None:
-            out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self.both)
+            x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
+            out = self._reusable(x_in, sigma_in)
+            if out is None:
+                self.calls += 1
+                out = self.denoiser(x_in, sigma_in, **self.both)
+            else:
+                self.reused += 1
             d_cond, d_uncond = out.chunk(2)
         else:
+            self.calls += 1
             d_cond = self.denoiser(x, sigma, **self.cond)
             d_uncond = self.denoiser(x, sigma, **self.uncond)
         guided = d_uncond + (d_cond - d_uncond) * self.scale

@@ -34,6 +34,7 @@ FIELD_LABELS = {
     "max_iterations": ("Max iterations per image (per-sample)", 1, 10000, 1),
     "weight_decay": ("AdamW weight decay (per-sample)", 0.0, 1.0, 0.001),
     "risk_threshold": ("Risk threshold (auto)", 0.0, 50.0, 0.01),
+    "fd_radius": ("Finite-difference probe distance (per-sample, forward-only gradient)", 0.01, 50.0, 0.01),
 }
 MAIN_FIELDS = ("target", "risk_threshold")
 
@@ -111,6 +112,10 @@ class MemSafeScript(scripts.Script):
                 fields["scale_with_size"] = gr.Checkbox(defaults["scale_with_size"], interactive=False,
                                                         label="Scale rho, target and threshold with image size",
                                                         elem_id=self.elem_id("scale_with_size"))
+                fields["gradient"] = gr.Radio(["autograd", "finite_difference"], value=defaults["gradient"],
+                                              label="Per-sample gradient (finite_difference: no backprop, "
+                                                    "much less VRAM)", interactive=False,
+                                              elem_id=self.elem_id("gradient"))
         ordered = [fields[name] for name in FIELD_ORDER]
 
         def on_preset(name):

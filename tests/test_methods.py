@@ -338,3 +338,57 @@ def test_uncond_only_decision_by_noise_level():
     batch_levels = torch.tensor([9.0, 9.0])
     assert memsafe.uncond_only(batch_levels, sigmas, 2).tolist() == [True, True]
     assert memsafe.uncond_only(torch.tensor([5.0 * (1 + 1e-7)]), sigmas, 2).tolist() == [False]  # round-off
+
+
+def test_per_sample_in_chunks_equals_one_batch(guidance, batch):
+    z, *_ = batch
+    cfg = MitigationConfig(method="per_sample", lr=0.05, target=0.0, max_iterations=4, scale_with_size=False)
+    whole = adjust_noise(z, guidance, cfg)
+    calls_whole = guidance.calls.calls
+    chunked = adjust_noise(z, guidance, cfg, max_batch=1)
+    assert guidance.calls.calls - calls_whole == 3 * calls_whole  # one image per model call
+    torch.testing.assert_close(chunked.z, whole.z, rtol=1e-4, atol=1e-4)
+    assert chunked.evaluations == whole.evaluations
+
+
+class ConservativeGuidance:
+    """eps_tilde = grad of a scalar potential (as for a score model): J is symmetric, so J u = J^T u."""
+
+    def __init__(self, shape, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        n = shape[1] * shape[2] * shape[3]
+        self.w = torch.randn(n, n, generator=gen) / n**0.5
+        self.b = torch.randn(n, generator=gen) * 0.3
+
+    def __call__(self, z):
+        flat = z.flatten(1)
+        # potential phi(z) = sum log cosh(W z + b)  ->  grad = W^T tanh(W z + b)
+        return (torch.tanh(flat @ self.w.T + self.b) @ self.w).view_as(z)
+
+
+def test_finite_difference_gradient_follows_autograd_on_a_conservative_field():
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    g = ConservativeGuidance(z.shape)
+    start = per_image_norm(g(z))
+    common = {"method": "per_sample", "lr": 0.02, "target": float(start.min()) * 0.8, "max_iterations": 60,
+              "scale_with_size": False}
+    exact = adjust_noise(z, g, MitigationConfig(**common))
+    fd = adjust_noise(z, g, MitigationConfig(**common, gradient="finite_difference", fd_radius=1e-3))
+    assert exact.iterations.tolist() == fd.iterations.tolist() and (fd.norm_after <= common["target"]).all()
+    torch.testing.assert_close(fd.z, exact.z, rtol=1e-3, atol=1e-3)
+    # two forward evaluations per step (at z and at the probe) plus the final check; no backward
+    assert fd.evaluations.backward == 0
+    assert fd.evaluations.forward == 2 * int(fd.iterations.sum()) + 3
+
+
+def test_finite_difference_reaches_the_target_on_the_unet_without_backprop(guidance, batch, unet):
+    z, *_ = batch
+    with torch.no_grad():
+        start = per_image_norm(guidance(z))
+    target = float(start.min()) * 0.85
+    cfg = MitigationConfig(method="per_sample", gradient="finite_difference", fd_radius=0.5, lr=0.05,
+                           target=target, max_iterations=100, scale_with_size=False)
+    with torch.inference_mode():  # forward only: works where autograd cannot (Forge runs under inference_mode)
+        res = adjust_noise(z, guidance, cfg)
+    assert (res.norm_after <= target).all() and res.evaluations.backward == 0
+    assert all(p.grad is None for p in unet.parameters())

@@ -135,3 +135,31 @@ def test_off_is_bit_identical_to_sampling_without_memsafe(kd, denoiser, batch):
         a = kd.sampling.sample_euler(plain, z * sigmas[0], sigmas, disable=True)
         b = kd.sampling.sample_euler(with_off, res.z * sigmas[0], sigmas, disable=True)
     assert torch.equal(a, b)
+
+
+def test_auto_below_threshold_reuses_its_risk_evaluation_as_the_first_step(kd, denoiser, batch):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond})
+    res = adjust_noise(z, g, MitigationConfig(method="auto", risk_threshold=1e5, scale_with_size=False))
+    assert res.applied == ["none"] * 3 and g.calls.calls == 1
+    plain = CFGDenoiser(denoiser, {"cond": cond}, {"cond": uncond}, 7.0)
+    reusing = CFGDenoiser(denoiser, {"cond": cond}, {"cond": uncond}, 7.0, reuse=g)
+    with torch.no_grad():
+        a = kd.sampling.sample_euler(plain, z * sigmas[0], sigmas, disable=True)
+        b = kd.sampling.sample_euler(reusing, res.z * sigmas[0], sigmas, disable=True)
+    assert torch.equal(a, b)  # bit-identical to sampling without memsafe...
+    assert (plain.calls, reusing.calls, reusing.reused) == (STEPS, STEPS - 1, 1)  # ...at zero extra model calls
+
+
+def test_reuse_is_refused_when_the_call_differs(kd, denoiser, batch):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond})
+    adjust_noise(z, g, MitigationConfig(method="auto", risk_threshold=1e5, scale_with_size=False))
+    other_cond = CFGDenoiser(denoiser, {"cond": uncond}, {"cond": uncond}, 7.0, reuse=g)
+    moved = CFGDenoiser(denoiser, {"cond": cond}, {"cond": uncond}, 7.0, reuse=g)
+    with torch.no_grad():
+        other_cond(z * sigmas[0], sigmas[:1].expand(3))
+        moved((z + 1e-3) * sigmas[0], sigmas[:1].expand(3))
+    assert other_cond.reused == 0 and moved.reused == 0

@@ -36,6 +36,8 @@ FIELD_ORDER = (
     "risk_threshold",
     "auto_method",
     "scale_with_size",
+    "gradient",
+    "fd_radius",
 )
 ARG_NAMES = ("enabled", "method", "preset", *FIELD_ORDER)
 DEFAULT_METHOD = "auto"
