@@ -63,17 +63,23 @@ def device() -> str:
 def fused(monkeypatch, device):
     """Force the compiled backend serving ``device`` (builds it on first use). Skips only where no C++
     toolchain exists at all; a failed build fails the test."""
-    kind = "cuda" if device == "cuda" else "cpp"
-    if kind == "cpp":
-        problem = _backend._toolchain_problem()
-        if problem:
-            pytest.skip(f"C++ extension cannot be built here: {problem}")
-    monkeypatch.setenv(_backend.ENV_BACKEND, kind)
+    problem = _backend._toolchain_problem()
+    if problem:
+        pytest.skip(f"the extensions cannot be built here: {problem}")
+    # Where the CUDA backend can be had, force it for CPU cases too (it loads the C++ extension as well), so the
+    # session does not switch back and forth between loads.
+    forced = "cuda" if CUDA_OK and _backend.find_cuda_home()[0] is not None else "cpp"
+    if device == "cuda" and forced != "cuda":
+        why = f"a CUDA device but no usable CUDA toolkit: {_backend.find_cuda_home()[1]}"
+        if os.environ.get("MEMSAFE_REQUIRE_CUDA_BUILD") == "1":  # bench/gpu_check.sh
+            pytest.fail(why)
+        pytest.skip(why)
+    monkeypatch.setenv(_backend.ENV_BACKEND, forced)
     state = _backend.peek()
-    if state is None or state.requested != kind:
+    if state is None or state.requested != forced:
         _backend.reset()
     state = _backend.get()
-    assert (state.cuda if kind == "cuda" else state.cpu) is not None, state.reason
+    assert (state.cuda if device == "cuda" else state.cpu) is not None, state.reason
     return state
 
 
@@ -389,7 +395,7 @@ def test_forced_cuda_without_cuda_is_a_clear_error(monkeypatch, fresh):
 def _broken_csrc(tmp_path: Path) -> Path:
     broken = tmp_path / "csrc"
     shutil.copytree(CSRC, broken)
-    for name in ("memsafe_ops_cpu.cpp", "memsafe_ops_cuda.cu"):
+    for name in ("memsafe_ops_cpu.cpp", "memsafe_ops_cuda.cu", "memsafe_ops_cuda_module.cpp"):  # all: fail fast
         path = broken / name
         path.write_text("#error deliberately broken by tests/test_ops.py\n" + path.read_text())
     return broken
