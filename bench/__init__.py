@@ -1,0 +1,1 @@
+"""memsafe's benchmarks: ``python -m bench {perf,ops} ...`` (see each module's docstring)."""

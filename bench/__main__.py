@@ -1,0 +1,18 @@
+"""``python -m bench perf ...`` (method cost, bench/perf.py) or ``python -m bench ops ...`` (fused ops)."""
+
+import sys
+
+
+def main() -> None:
+    commands = {"perf": "bench.perf", "ops": "bench.bench_ops"}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(f"usage: python -m bench {{{','.join(commands)}}} [options]  (--help for each)", file=sys.stderr)
+        raise SystemExit(2)
+    import importlib
+
+    module = importlib.import_module(commands[sys.argv[1]])
+    module.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

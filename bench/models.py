@@ -1,0 +1,138 @@
+"""Models for the benchmarks: real diffusers UNet architectures from their published configs (random weights, no
+download), wrapped as k-diffusion style denoisers on SD's schedule, and a deterministic Euler sampler.
+
+The wrapper does what k-diffusion's ``CompVisDenoiser`` does for A1111 (eps model, ``c_in = 1/sqrt(sigma^2+1)``,
+timestep from sigma by interpolation in log-sigma), written out so the benchmarks need no WebUI and no k-diffusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Published UNet configs (the fields that define the architecture), from the models' config.json files.
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8, "cross_attention_dim": 768,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "norm_num_groups": 32,
+}
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+}
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64), "attention_head_dim": 8, "cross_attention_dim": 32,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "norm_num_groups": 8,
+}
+CONFIGS = {"tiny": (TINY_UNET, 7), "sd15": (SD15_UNET, 77), "sdxl": (SDXL_UNET, 77)}
+
+
+def sd_alphas_cumprod(steps: int = 1000) -> Tensor:
+    """SD1/SD2/SDXL's training schedule: scaled-linear betas 0.00085..0.012."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class EpsDenoiser(nn.Module):
+    """``D(x, sigma, **cond) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma), **cond)``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        ac = sd_alphas_cumprod()
+        self.register_buffer("sigmas", ((1 - ac) / ac).sqrt())
+        self.register_buffer("log_sigmas", self.sigmas.log())
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        high = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        low = high - 1
+        w = (log_sigma - self.log_sigmas[low]) / (self.log_sigmas[high] - self.log_sigmas[low])
+        return low.float() + w
+
+    def get_sigmas(self, steps: int) -> Tensor:
+        """``steps`` sigmas from sigma_max down (timesteps evenly spaced, as k-diffusion's default), then 0."""
+        t = torch.linspace(len(self.sigmas) - 1, 0, steps)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return torch.cat([log_sigma.exp(), torch.zeros(1)])
+
+    def forward(self, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor,
+                added_cond_kwargs: dict[str, Tensor] | None = None) -> Tensor:
+        c_in = (sigma**2 + 1).rsqrt().view(-1, 1, 1, 1)
+        kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+        eps = self.unet((x * c_in).to(self.dtype), self.sigma_to_t(sigma), encoder_hidden_states=encoder_hidden_states,
+                        **kwargs).sample
+        return x - eps.float() * sigma.view(-1, 1, 1, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+@torch.no_grad()
+def sample_euler(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor) -> Tensor:
+    """k-diffusion's ``sample_euler`` without churn: ``x += (x - D(x)) / sigma * (sigma_next - sigma)``."""
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        sigma = float(sigmas[i])
+        d = (x - model(x, ones * sigma)) / sigma
+        x = x + d * (float(sigmas[i + 1]) - sigma)
+    return x
+
+
+@dataclass
+class Subject:
+    """A model to benchmark: its denoiser, latent shape and per-image conditioning."""
+
+    name: str
+    denoiser: EpsDenoiser
+    latent: tuple[int, int, int]
+    device: torch.device
+
+    def conditioning(self, batch: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random text embeddings (and SDXL's pooled embeddings and size ids) for cond and uncond."""
+        gen = torch.Generator().manual_seed(seed)
+        cfg, tokens = CONFIGS[self.name]
+        dtype = self.denoiser.dtype
+
+        def one() -> dict[str, Any]:
+            out: dict[str, Any] = {"encoder_hidden_states": torch.randn(
+                batch, tokens, cfg["cross_attention_dim"], generator=gen).to(self.device, dtype)}
+            if cfg.get("addition_embed_type") == "text_time":
+                out["added_cond_kwargs"] = {
+                    "text_embeds": torch.randn(batch, 1280, generator=gen).to(self.device, dtype),
+                    "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch).to(self.device, dtype),
+                }
+            return out
+
+        return one(), one()
+
+
+def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, latent: int | None = None,
+          seed: int = 0, overrides: dict[str, Any] | None = None) -> Subject:
+    """A UNet of the named architecture with random (seeded) weights, as a denoiser; no weights are downloaded.
+
+    A freshly initialized diffusers UNet is not degenerate (unlike ldm's zero-initialized output layers), so
+    eps_cond - eps_uncond is non-zero and the methods have work to do."""
+    from diffusers import UNet2DConditionModel
+
+    config, _ = CONFIGS[name]
+    config = {**config, **(overrides or {})}
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    size = latent or config["sample_size"]
+    return Subject(name, EpsDenoiser(unet).to(device), (config["in_channels"], size, size), torch.device(device))

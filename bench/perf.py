@@ -1,0 +1,245 @@
+"""Cost of each method against plain generation, measured side by side in one run (issue 6).
+
+For one model: plain CFG sampling and every method on the same seeds, steps and batch; prints and records
+time ratios (median of interleaved repeats), peak-memory ratios (CUDA: max allocated, in process; CPU: peak RSS of
+a fresh child process per method, since RSS never shrinks within a process) and model evaluations per image.
+
+    python -m bench perf --model sd15 --latent 8 --steps 20 --batch 2     # CPU, SD1.5-size UNet
+    python -m bench perf --model sd15 --device cuda --dtype float16       # GPU, 4x64x64
+    python -m bench perf --model lab                                       # the lab model + replication/alignment
+
+Rows go to bench/results/perf.json (merged by model, device, method) and bench/results/perf.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import memsafe
+from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
+
+from .models import Subject, build, sample_euler
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("plain", "batch_wise", "per_sample_exact", "per_sample", "per_sample_fd", "auto_safe",
+           "auto_safe_no_reuse")
+CFG_SCALE = 7.0
+
+
+# -- the paper-exact per-sample method (the reference the faster variants are measured against) ----------------
+def per_sample_exact(z: Tensor, guidance: memsafe.Guidance, config: MitigationConfig) -> tuple[Tensor, int, int]:
+    """The official code's loop (adj_init_noise_per_sample): ONE image at a time, torch.optim.AdamW on the noise,
+    loss = ||eps_c - eps_u||, ``loss.item() <= target`` checked before each step. Gradients are taken with
+    respect to the noise only (torch.autograd.grad), not the model's weights. Returns (z, forwards, backwards)."""
+    target = config.scaled(z[0].numel()).target
+    out, forwards, backwards = [], 0, 0
+    for i in range(z.shape[0]):
+        one = guidance.select(torch.tensor([i]))
+        x = z[i : i + 1].detach().clone().requires_grad_(True)
+        opt = torch.optim.AdamW([x], lr=config.lr, weight_decay=config.weight_decay)
+        for _ in range(config.max_iterations):
+            with torch.enable_grad():
+                loss = one(x).float().norm()
+            forwards += 1
+            if loss.item() <= target:
+                break
+            (x.grad,) = torch.autograd.grad(loss, [x])
+            backwards += 1
+            opt.step()
+        out.append(x.detach())
+    return torch.cat(out), forwards, backwards
+
+
+# -- one generation with one method ------------------------------------------------------------------------------
+def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict, steps: int,
+             config: MitigationConfig) -> dict[str, Any]:
+    """Images from noise ``z`` with ``method``; returns the images and the model evaluations per image."""
+    denoiser = subject.denoiser
+    sigmas = denoiser.get_sigmas(steps).to(subject.device)
+    sigma0 = float(sigmas[0])
+    g = guidance_from_denoiser(denoiser, sigma0, cond, uncond, guidance_scale=CFG_SCALE)
+    batch = z.shape[0]
+    uncond_steps, uncond_images, reuse = 0, None, None
+    forward = backward = 0
+    iterations = 0.0
+    if method == "batch_wise":
+        res = adjust_noise(z, g, config.replace(method="batch_wise"), measure_after=False)
+        z, uncond_steps, uncond_images = res.z, config.uncond_steps, res.uncond_images
+        forward, backward = res.evaluations.forward, res.evaluations.backward
+    elif method == "per_sample_exact":
+        z, forward, backward = per_sample_exact(z, g, config)
+    elif method in ("per_sample", "per_sample_fd"):
+        variant = config.replace(method="per_sample",
+                                 gradient="finite_difference" if method == "per_sample_fd" else "autograd")
+        res = adjust_noise(z, g, variant)
+        z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
+        iterations = float(res.iterations.float().mean())
+    elif method in ("auto_safe", "auto_safe_no_reuse"):
+        res = adjust_noise(z, g, config.replace(method="auto", risk_threshold=1e6))  # not at risk: nothing moves
+        z, forward = res.z, res.evaluations.forward
+        reuse = g if method == "auto_safe" else None
+    model = CFGDenoiser(denoiser, cond, uncond, CFG_SCALE, sigmas=sigmas, uncond_steps=uncond_steps,
+                        uncond_images=uncond_images, reuse=reuse)
+    images = sample_euler(model, z * sigma0, sigmas)
+    sampling = model.calls  # batched CFG calls, each = one evaluation per image
+    # evaluations: image-level cond+uncond model passes (forward), vector-Jacobian products (backward, each
+    # about twice a forward), and the sampler's CFG calls
+    return {"images": images, "evaluations_per_image": (forward + backward) / batch + sampling,
+            "forward_per_image": forward / batch, "backward_per_image": backward / batch,
+            "sampling_calls": sampling, "reused_calls": model.reused, "iterations_mean": iterations}
+
+
+def setup(args: argparse.Namespace) -> tuple[Subject, Tensor, dict, dict, MitigationConfig]:
+    dtype = getattr(torch, args.dtype)
+    subject = build(args.model, args.device, dtype, latent=args.latent)
+    gen = torch.Generator().manual_seed(1234)
+    z = torch.randn(args.batch, *subject.latent, generator=gen).to(subject.device)
+    cond, uncond = subject.conditioning(args.batch, seed=99)
+    # Random weights: the target is set relative to the measured risk so that every image iterates (the lab
+    # model gives the realistic iteration counts).
+    sigma0 = float(subject.denoiser.get_sigmas(args.steps)[0])
+    risk = memsafe.risk_score(z, guidance_from_denoiser(subject.denoiser, sigma0, cond, uncond))
+    config = MitigationConfig(method="per_sample", scale_with_size=False, target=float(risk.min()) * args.target_ratio,
+                              lr=args.lr, max_iterations=args.max_iterations, rho=args.rho,
+                              fd_radius=args.fd_radius, uncond_steps=min(5, args.steps // 4))
+    return subject, z, cond, uncond, config
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_time(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
+    subject, z, cond, uncond, config = setup(args)
+    generate(subject, "plain", z, cond, uncond, min(args.steps, 3), config)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    info: dict[str, dict[str, Any]] = {}
+    for rep in range(args.repeats):
+        for m in methods:  # interleaved, so load changes hit every method alike
+            _sync(subject.device)
+            t = time.perf_counter()
+            out = generate(subject, m, z, cond, uncond, args.steps, config)
+            _sync(subject.device)
+            times[m].append(time.perf_counter() - t)
+            info[m] = {k: v for k, v in out.items() if k != "images"}
+            print(f"  rep {rep + 1}/{args.repeats} {m:20s} {times[m][-1]:8.2f} s", flush=True)
+    for m in methods:
+        info[m]["seconds"] = statistics.median(times[m])
+        info[m]["seconds_all"] = times[m]
+    return info
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: peak memory of one generation with ``args.child``."""
+    subject, z, cond, uncond, config = setup(args)
+    if subject.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        generate(subject, args.child, z, cond, uncond, args.steps, config)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        generate(subject, args.child, z, cond, uncond, args.steps, config)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak, "rss_now": _rss_bytes()}))
+
+
+def measure_memory(args: argparse.Namespace, methods: list[str]) -> dict[str, int]:
+    peaks = {}
+    for m in methods:
+        cmd = [sys.executable, "-m", "bench", "perf", "--child", m, *[a for a in sys.argv[2:] if a != "--no-memory"]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+        peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+        print(f"  memory {m:20s} {peaks[m] / 2**20:10.1f} MiB", flush=True)
+    return peaks
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_rows(rows: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "perf.json"
+    existing = json.loads(path.read_text()) if path.exists() else []
+    keys = {(r["model"], r["device"], r["method"]) for r in rows}
+    merged = [r for r in existing if (r["model"], r["device"], r["method"]) not in keys] + rows
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    lines = ["# Cost of the methods against plain generation", "",
+             "Written by `python -m bench perf` (see bench/perf.py); ratios are measured side by side in one run.",
+             "", "| model | device | method | time ratio | peak memory ratio | evaluations / image | "
+             "replication | alignment | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in merged:
+        lines.append(f"| {r['model']} | {r['device']} | {r['method']} | {r['time_ratio']:.3f} | "
+                     f"{r['peak_memory_ratio']:.3f} | {r['evaluations_per_image']:.1f} | "
+                     f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{r['command']}` |")
+    (RESULTS / "perf.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--target-ratio", type=float, default=0.8, help="per-sample target as a fraction of min risk")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--rho", type=float, default=5.0)
+    p.add_argument("--fd-radius", type=float, default=0.5)
+    p.add_argument("--max-iterations", type=int, default=50)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.child:
+        measure_memory_child(args)
+        return
+    methods = ["plain", *[m for m in args.methods.split(",") if m != "plain"]]
+    print(f"bench perf: {args.model} on {args.device} ({machine()}), {args.steps} steps, batch {args.batch}",
+          flush=True)
+    info = measure_time(args, methods)
+    peaks = {} if args.no_memory else measure_memory(args, methods)
+    command = "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv)
+    rows = []
+    for m in methods:
+        row = {"model": args.model if args.latent is None else f"{args.model}@{args.latent}",
+               "device": args.device, "method": m, "dtype": args.dtype, "steps": args.steps, "batch": args.batch,
+               "time_ratio": info[m]["seconds"] / info["plain"]["seconds"],
+               "peak_memory_ratio": (peaks[m] / peaks["plain"]) if peaks else float("nan"),
+               **{k: v for k, v in info[m].items() if k != "seconds_all"},
+               "machine": machine(), "command": command}
+        rows.append(row)
+        print(f"{m:20s} time x{row['time_ratio']:.3f}  memory x{row['peak_memory_ratio']:.3f}  "
+              f"evaluations/image {row['evaluations_per_image']:.1f}")
+    write_rows(rows)
+
