@@ -150,3 +150,6 @@ class MemSafeScript(scripts.Script):
 script_callbacks.on_ui_settings(a1111_app.on_ui_settings)
 script_callbacks.on_before_ui(a1111_app.on_before_ui)
 script_callbacks.on_app_started(a1111_app.on_app_started)
+# The XYZ plot builds its axis list when its UI is built; in API-only mode that happens before on_before_ui, so
+# the axes are also added right now (the built-in xyz_grid script is loaded before extensions' scripts).
+a1111_app.on_before_ui()
