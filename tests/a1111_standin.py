@@ -45,8 +45,20 @@ def _active(schedules, step):  # L289-293 / L330-334: the first schedule entry w
     return schedules[0].cond
 
 
+class DictWithShape(dict):  # L270-277: SDXL conds, a dict that answers .shape like a tensor
+    @property
+    def shape(self):
+        return self["crossattn"].shape
+
+
+def _stack(rows):  # L297-304 / L339-344: SDXL conds are dicts of tensors, stacked per key
+    if isinstance(rows[0], dict):
+        return DictWithShape({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    return torch.stack(rows)
+
+
 def reconstruct_cond_batch(c, current_step):  # L280-304: one row per image
-    return torch.stack([_active(schedules, current_step) for schedules in c])
+    return _stack([_active(schedules, current_step) for schedules in c])
 
 
 def reconstruct_multicond_batch(c, current_step):  # L321-346: rows of all AND parts, and (row, weight) per image
@@ -56,13 +68,18 @@ def reconstruct_multicond_batch(c, current_step):  # L321-346: rows of all AND p
         for part in parts:
             conds_list[-1].append((len(tensors), part.weight))
             tensors.append(_active(part.schedules, current_step))
-    return conds_list, torch.stack(tensors)
+    return conds_list, _stack(tensors)
 
 
-def encode(prompt: str) -> torch.Tensor:
-    """A deterministic toy text encoder: the prompt's words seed the token embeddings ('' gives the uncond)."""
+def encode(prompt: str) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A deterministic toy text encoder: the prompt's words seed the token embeddings ('' gives the uncond).
+    With an SDXL model loaded, a dict like sd_models_xl.get_learned_conditioning's (crossattn + pooled vector)."""
     seed = sum((i + 1) * ord(ch) for i, ch in enumerate(prompt)) % (2**31)
-    return torch.randn(TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    crossattn = torch.randn(TOKENS, TEXT_DIM, generator=gen)
+    if getattr(sys.modules["modules.shared"].sd_model, "is_sdxl", False):
+        return {"crossattn": crossattn, "vector": torch.randn(8, generator=gen)}
+    return crossattn
 
 
 def learned_conditioning(prompts, steps):  # get_learned_conditioning: a one-entry schedule per prompt
@@ -145,6 +162,11 @@ class StandInSDModel(nn.Module):
 
     def apply_model(self, x, t, cond):
         self.calls += 1
+        if self.is_sdxl:  # sd_models_xl.py: {"crossattn", "vector", "c_concat"}; the vector shifts the output here
+            assert cond["vector"].shape[0] == x.shape[0]
+            out = self.unet(x, t, encoder_hidden_states=cond["crossattn"]).sample
+            out = out + 0.01 * cond["vector"].mean(1).view(-1, 1, 1, 1)
+            return out * math.nan if self.fail_with_nan else out
         out = self.unet(x, t, encoder_hidden_states=torch.cat(cond["c_crossattn"])).sample
         return out * math.nan if self.fail_with_nan else out
 
@@ -173,9 +195,12 @@ class StandInCFGDenoiser(nn.Module):
                                   + [image_cond])
         params = CFGDenoiserParams(x_in, image_cond_in, sigma_in, 0, 0, tensor, uncond, self)
         cb.cfg_denoiser_callback(params)
-        cond_in = torch.cat([params.text_cond, params.text_uncond])
-        x_out = self.sampler.model_wrap(params.x, params.sigma,
-                                        cond={"c_crossattn": [cond_in], "c_concat": [params.image_cond]})
+        if isinstance(params.text_cond, dict):  # L219-220 and catenate_conds L11-15 (SDXL)
+            cond_in = {k: torch.cat([params.text_cond[k], params.text_uncond[k]]) for k in params.text_cond}
+            cond = {**cond_in, "c_concat": [params.image_cond]}
+        else:
+            cond = {"c_crossattn": [torch.cat([params.text_cond, params.text_uncond])], "c_concat": [params.image_cond]}
+        x_out = self.sampler.model_wrap(params.x, params.sigma, cond=cond)
         cb.cfg_denoised_callback(CFGDenoisedParams(x_out, 0, 0, self.sampler.model_wrap))
         denoised_uncond = x_out[-uncond.shape[0]:]
         denoised = denoised_uncond.clone()

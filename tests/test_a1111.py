@@ -150,6 +150,29 @@ def test_rerunning_a_seed_reuses_its_adjusted_noise(host, sd_model, script):
     assert "cached" not in other.infotexts[0]
 
 
+def test_sdxl_dict_conditioning(host, unet, script):
+    sdxl = webui.StandInSDModel(unet)
+    sdxl.is_sdxl, sdxl.is_sd1 = True, False
+    host.shared.sd_model = sdxl
+    p, processed = run(sdxl, script, [True, "batch_wise"], batch_size=2, prompt="a cat AND a hat")
+    assert p.extra_generation_params["MemSafe preset"] == "sdxl"
+    assert all("MemSafe result: batch_wise" in t for t in processed.infotexts)
+    again = run(sdxl, script, [True, "batch_wise"], batch_size=2, prompt="a cat AND a hat")[1]
+    assert all("cached" in t for t in again.infotexts)  # dict conditioning hashes into the cache key
+
+
+def test_sgm_noise_multiplier_scales_the_start(host, sd_model, script):
+    host.shared.opts.sgm_noise_multiplier = True
+    p, _ = run(sd_model, script, on("per_sample"), batch_size=1)
+    sampler = p.samplers[0]
+    sigma0 = float(sampler.get_sigmas(p, p.steps)[0])
+    _, cond, uncond, _ = reference_guidance(sd_model, p, sigma0)
+    g = guidance_from_denoiser(webui.K.external.CompVisDenoiser(sd_model), sigma0, cond, uncond,
+                               sgm_noise_multiplier=True)
+    expected = adjust_noise(first_pass_noise(p), g, parse_script_args(on()).resolve("sd1")).z
+    torch.testing.assert_close(sampler.started_from / math.sqrt(1 + sigma0**2), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_hires_pass_is_untouched(host, sd_model, script):
     p, _ = run(sd_model, script, on("batch_wise"), batch_size=2, enable_hr=True)
     assert torch.equal(p.hr_noise, p.hr_noise_before_hook)
