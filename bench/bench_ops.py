@@ -310,27 +310,13 @@ def measure_unet(device: str, batches, rows, result, args) -> None:
             for batch in measured:
                 seconds = unet_forward_seconds(device, dtype, shape, batch)
                 for b in batches if device == "cpu" else (batch,):
-                    unet_us = seconds * b / batch * 1e6
-                    # shares[chain][ops dtype] = {"fused": %, "reference": %}; on the CPU the one fp32 UNet
-                    # stands for both ops dtypes
-                    shares: dict[str, dict[str, dict[str, float]]] = {}
-                    for row in rows:
-                        if (row["device"], row["latent"], row["batch"]) != (device, label, b):
-                            continue
-                        if device == "cuda" and row["dtype"] != dname:
-                            continue
-                        shares.setdefault(row["chain"], {})[row["dtype"]] = {
-                            impl: round(100 * row[f"{impl}_us"] / (row[f"{impl}_us"] + unet_us), 3)
-                            for impl in ("fused", "reference")
-                        }
                     entry = {
                         "device": device,
                         "latent": label,
                         "batch": b,
                         "dtype": dname,
-                        "unet_forward_ms": round(unet_us / 1e3, 1),
+                        "unet_forward_ms": round(seconds * b / batch * 1e3, 3),
                         "extrapolated": b != batch,
-                        "share_pct": shares,
                     }
                     unet_rows.append(entry)
                     print(
@@ -393,15 +379,22 @@ def markdown(result: dict[str, object]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for u in result["unet"]:  # type: ignore[union-attr]
-            shares = u["share_pct"]
+            unet_us = u["unet_forward_ms"] * 1e3
 
-            def cell(chain: str, impl: str, shares=shares) -> str:
-                per_dtype = shares.get(chain, {})
-                return ", ".join(f"{d} {v[impl]}" for d, v in per_dtype.items()) or "-"
+            def cell(chain: str, impl: str, u=u, unet_us=unet_us) -> str:
+                # the CUDA UNet runs in the ops' dtype; on the CPU the one fp32 UNet stands for both ops dtypes
+                parts = [
+                    f"{r['dtype']} {100 * r[f'{impl}_us'] / (r[f'{impl}_us'] + unet_us):.2g}"
+                    for r in result["rows"]  # type: ignore[union-attr]
+                    if (r["device"], r["latent"], r["batch"], r["chain"])
+                    == (u["device"], u["latent"], u["batch"], chain)
+                    and (u["device"] == "cpu" or r["dtype"] == u["dtype"])
+                ]
+                return ", ".join(parts) or "-"
 
             extra = " (scaled from batch 1)" if u["extrapolated"] else ""
             lines.append(
-                f"| {u['device']} | {u['latent']} | {u['batch']} | {u['dtype']} | {u['unet_forward_ms']}{extra} | "
+                f"| {u['device']} | {u['latent']} | {u['batch']} | {u['dtype']} | {u['unet_forward_ms']:.1f}{extra} | "
                 f"{cell('per_sample', 'fused')} | {cell('per_sample', 'reference')} | "
                 f"{cell('batch_wise', 'fused')} |"
             )
@@ -419,7 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-reference", action="store_true", help="run even without a compiled backend")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--name", default="ops", help="file stem of the results")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md of an earlier run's .json")
     args = parser.parse_args(argv)
+    if args.render:
+        source = Path(args.render)
+        source.with_suffix(".md").write_text(markdown(json.loads(source.read_text())))
+        print(f"wrote {source.with_suffix('.md')}")
+        return 0
     if not args.unet:
         args.unet_device = "none"
     if args.threads > 0:

@@ -302,7 +302,8 @@ def _jit(
     except OSError as e:
         return None, f"cache folder {folder} is not writable ({type(e).__name__}: {e.strerror or e})", True
     _clear_stale_lock(folder)
-    had_cache = any(folder.glob("*.so")) or any(folder.glob("*.pyd"))
+    before = _binaries(folder)
+    had_cache = bool(before)
     t0 = time.perf_counter()
     module, error = _build(kind, csrc, folder, digest)
     if module is None and had_cache:
@@ -319,10 +320,19 @@ def _jit(
         with contextlib.suppress(OSError):
             log.write_text(error)
         return None, f"build failed ({_summary(error)}; full log {log})", True
-    built = "cache" if seconds < 2.0 else f"JIT build {seconds:.1f} s"
+    built = "cached build" if _binaries(folder) == before else f"JIT build {seconds:.1f} s"
     details[f"{kind}_origin"] = "jit"
     note = f", {error}" if error else ""
     return module, f"{built} in {folder}{note}", False
+
+
+def _binaries(folder: Path) -> dict[str, int]:
+    """Built modules in ``folder`` with their modification times (to tell a cache hit from a build)."""
+    found = {}
+    for path in [*folder.glob("*.so"), *folder.glob("*.pyd")]:
+        with contextlib.suppress(OSError):
+            found[path.name] = path.stat().st_mtime_ns
+    return found
 
 
 def _build(kind: str, csrc: Path, folder: Path, digest: str) -> tuple[ModuleType | None, str]:

@@ -316,9 +316,8 @@ def adamw_step_(
         module = _module_for(z)
         if module is not None:
             if z.is_cuda:
-                module.adamw_step(
-                    z, grad, exp_avg, exp_avg_sq, step, active, lr, weight_decay, beta1, beta2, eps
-                )
+                hyper = (float(lr), float(weight_decay), float(beta1), float(beta2), float(eps))
+                module.adamw_step(z, grad, exp_avg, exp_avg_sq, step, active, *hyper)
                 return
             g, mask = grad.contiguous(), active.contiguous()
             module.adamw_step(

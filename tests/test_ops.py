@@ -459,6 +459,23 @@ def test_broken_cache_is_rebuilt(fused, tmp_path):
     assert module is not None and not failed and "rebuilt after a broken cache" in why, why
 
 
+def test_prebuilt_module_is_preferred(fused, tmp_path, monkeypatch):
+    """`python -m memsafe._backend build` installs the module where the loader looks first (here: a folder on
+    sys.path); a current prebuilt module is used without any build."""
+    module = _backend.peek().cpu
+    dest = tmp_path / "site"
+    dest.mkdir()
+    _backend._install(module, dest, _backend.CPP_NAME)
+    monkeypatch.syspath_prepend(str(dest))
+    monkeypatch.delitem(sys.modules, _backend.CPP_NAME, raising=False)
+    try:
+        state = _backend.load("cpp", build_root=tmp_path / "no-build-here")
+    finally:
+        sys.modules.pop(_backend.CPP_NAME, None)
+    assert state.cpu is not None and "prebuilt" in state.reason, state.reason
+    assert not (tmp_path / "no-build-here").exists()
+
+
 def test_cache_keys_never_reuse_other_sources_or_torch(tmp_path):
     copy = tmp_path / "csrc"
     shutil.copytree(CSRC, copy)
