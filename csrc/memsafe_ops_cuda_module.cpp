@@ -1,6 +1,9 @@
-// memsafe fused ops: the Python module of the CUDA build (pybind11 through torch/extension.h, compiled by the
-// host compiler; the kernels and their binding are in memsafe_ops_cuda.cu).
-#include <torch/extension.h>
+// memsafe fused ops: the Python module of the CUDA build (pybind11, compiled by the host compiler; the kernels and
+// their binding are in memsafe_ops_cuda.cu). torch's pybind11 casters for at::Tensor come from
+// torch/csrc/utils/pybind.h: a third of the compile time of torch/extension.h, which adds the whole C++ frontend.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
 #include <cuda_runtime_api.h>
