@@ -116,6 +116,12 @@ def backend_info(load: bool = False) -> dict:
     return _loader().info(load=load)
 
 
+def reset_backend() -> None:
+    """Forget the loaded backend: the next op call reads ``MEMSAFE_OPS_BACKEND`` again and loads once more (with
+    its one log line). For a setting that changes the backend at run time; builds stay cached on disk."""
+    _loader().reset()
+
+
 _backend_module = None
 
 

@@ -377,6 +377,17 @@ def test_forced_cpp_logs_one_line(monkeypatch, fresh, caplog):
     assert records[0].levelno == logging.INFO and "backend cpp" in records[0].getMessage()
 
 
+def test_reset_backend_rereads_the_setting(monkeypatch, fresh):
+    """What the WebUI setting does: change MEMSAFE_OPS_BACKEND, then ops.reset_backend()."""
+    monkeypatch.setenv(_backend.ENV_BACKEND, "reference")
+    assert ops.backend_info(load=True)["backend"] == "reference"
+    monkeypatch.setenv(_backend.ENV_BACKEND, "cpp" if not _backend._toolchain_problem() else "reference")
+    assert ops.backend_info(load=True)["backend"] == "reference"  # read once...
+    ops.reset_backend()
+    assert ops.backend_info()["loaded"] is False  # ...until reset; loads again on the next use
+    assert ops.backend_info(load=True)["requested"] == os.environ[_backend.ENV_BACKEND]
+
+
 @pytest.mark.parametrize("value", ["gpu", "CUDA-please", "c++"])
 def test_unknown_backend_value_is_a_clear_error(monkeypatch, fresh, value):
     monkeypatch.setenv(_backend.ENV_BACKEND, value)
