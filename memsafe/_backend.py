@@ -218,6 +218,10 @@ def _load_extension(
             problem = _cuda_unavailable()
             if problem:
                 return None, f"no CUDA: {problem}"
+        missing = [name for name in _HASHED[kind] if not (csrc / name).is_file()]
+        if missing:
+            details["failures"] = True
+            return None, f"{label} unavailable: sources missing in {csrc} ({', '.join(missing)})"
         digest = source_hash(kind, csrc)
         details[f"{kind}_source_hash"] = digest
         name = CPP_NAME if kind == "cpp" else CUDA_NAME
