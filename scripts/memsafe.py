@@ -64,6 +64,30 @@ def _from_infotext(field):
     return read
 
 
+class _CheckboxAccordion:
+    """Before A1111 1.7 (no InputAccordion): an accordion with an "Enable MemSafe" checkbox inside."""
+
+    def __init__(self, elem_id):
+        self.elem_id = elem_id
+
+    def __enter__(self):
+        self.accordion = gr.Accordion("MemSafe", open=False)
+        self.accordion.__enter__()
+        return gr.Checkbox(False, label="Enable MemSafe", elem_id=self.elem_id)
+
+    def __exit__(self, *exc):
+        return self.accordion.__exit__(*exc)
+
+
+def _enable_accordion(elem_id):
+    """The MemSafe accordion whose header checkbox enables it (like Hires. fix; ui_components.InputAccordion)."""
+    try:
+        from modules.ui_components import InputAccordion
+    except ImportError:
+        return _CheckboxAccordion(elem_id)
+    return InputAccordion(False, label="MemSafe", elem_id=elem_id)
+
+
 class MemSafeScript(scripts.Script):
     def __init__(self):
         super().__init__()
@@ -82,11 +106,10 @@ class MemSafeScript(scripts.Script):
             return []
         default_method = getattr(shared.opts, "memsafe_default_method", "auto")
         defaults = dict(zip(FIELD_ORDER, _preset_values("sd1")))
-        with gr.Accordion("MemSafe", open=False, elem_id=self.elem_id("accordion")):
+        with _enable_accordion(self.elem_id("enabled")) as enabled:
             gr.HTML("<p>Avoid reproducing memorized training images by adjusting the initial noise "
                     "(Han et al., NeurIPS 2025). Same seed and settings, same image.</p>")
             with gr.Row():
-                enabled = gr.Checkbox(False, label="Enable MemSafe", elem_id=self.elem_id("enabled"))
                 method = gr.Radio(list(UI_METHODS), value=default_method, label="Method",
                                   elem_id=self.elem_id("method"))
                 preset = gr.Dropdown(list(PRESET_CHOICES), value="auto", label="Preset (auto: by model)",
