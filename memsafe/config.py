@@ -256,77 +256,29 @@ def _from_k_diffusion_space(value: float, sigma: float = SD_SIGMA_MAX) -> float:
     return value / sigma
 
 
+# The paper's numbers. SD v1.4 (DDIM 50, CFG 7) in the unit space of z; SD v2.0 (Euler 50, CFG 7) was tuned in the
+# sampler's space x = z * sigma_max, so its radius, step and learning rate are divided by sigma_max here.
+_SD1_VALUES: dict[str, Any] = {
+    "rho": 50.0, "gamma": 0.7, "iterations": 2, "uncond_steps": 5, "lr": 0.01, "target": 0.9,
+    "max_iterations": 1000, "weight_decay": 0.01, "risk_threshold": 0.9,
+}
+_SD2_VALUES: dict[str, Any] = {
+    "rho": round(_from_k_diffusion_space(30.0), 4), "gamma": round(_from_k_diffusion_space(0.7), 5),
+    "iterations": 4, "uncond_steps": 4, "lr": round(_from_k_diffusion_space(0.1), 6), "target": 10.0,
+    "max_iterations": 1000, "weight_decay": 0.01, "risk_threshold": 10.0,
+}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset(
-            "sd1",
-            "SD 1.x (eps, 512 px)",
-            {
-                "rho": 50.0,
-                "gamma": 0.7,
-                "iterations": 2,
-                "uncond_steps": 5,
-                "lr": 0.01,
-                "target": 0.9,
-                "max_iterations": 1000,
-                "weight_decay": 0.01,
-                "risk_threshold": 0.9,
-            },
-            calibrated=True,
-            source="paper (SD v1.4, DDIM 50, CFG 7); risk_threshold = target (our choice)",
-        ),
-        Preset(
-            "sd2",
-            "SD 2.x base (eps, 512 px)",
-            {
-                "rho": round(_from_k_diffusion_space(30.0), 4),
-                "gamma": round(_from_k_diffusion_space(0.7), 5),
-                "iterations": 4,
-                "uncond_steps": 4,
-                "lr": round(_from_k_diffusion_space(0.1), 6),
-                "target": 10.0,
-                "max_iterations": 1000,
-                "weight_decay": 0.01,
-                "risk_threshold": 10.0,
-            },
-            calibrated=True,
-            source="paper (SD v2.0, Euler 50, CFG 7): rho 30, gamma 0.7, lr 0.1 given in x = z*sigma_max space, "
-            "divided by 14.61 here; target swept 5..20, 10 taken; risk_threshold = target (our choice)",
-        ),
-        Preset(
-            "sd2-v",
-            "SD 2.x 768-v (v-prediction, 768 px)",
-            {
-                "rho": round(_from_k_diffusion_space(30.0), 4),
-                "gamma": round(_from_k_diffusion_space(0.7), 5),
-                "iterations": 4,
-                "uncond_steps": 4,
-                "lr": round(_from_k_diffusion_space(0.1), 6),
-                "target": 10.0,
-                "max_iterations": 1000,
-                "weight_decay": 0.01,
-                "risk_threshold": 10.0,
-            },
-            calibrated=False,
-            source="extrapolated: the sd2 numbers, scaled to the 4x96x96 latent by sqrt(numel/16384)",
-        ),
-        Preset(
-            "sdxl",
-            "SDXL (eps, 1024 px)",
-            {
-                "rho": 50.0,
-                "gamma": 0.7,
-                "iterations": 2,
-                "uncond_steps": 5,
-                "lr": 0.01,
-                "target": 0.9,
-                "max_iterations": 1000,
-                "weight_decay": 0.01,
-                "risk_threshold": 0.9,
-            },
-            calibrated=False,
-            source="extrapolated: the sd1 numbers, scaled to the 4x128x128 latent by sqrt(numel/16384)",
-        ),
+        Preset("sd1", "SD 1.x (eps, 512 px)", _SD1_VALUES, calibrated=True,
+               source="paper (SD v1.4, DDIM 50, CFG 7); risk_threshold = target (our choice)"),
+        Preset("sd2", "SD 2.x base (eps, 512 px)", _SD2_VALUES, calibrated=True,
+               source="paper (SD v2.0, Euler 50, CFG 7): rho 30, gamma 0.7, lr 0.1 given in x = z*sigma_max space, "
+                      "divided by 14.61 here; target swept 5..20, 10 taken; risk_threshold = target (our choice)"),
+        Preset("sd2-v", "SD 2.x 768-v (v-prediction, 768 px)", _SD2_VALUES, calibrated=False,
+               source="extrapolated: the sd2 numbers, scaled to the 4x96x96 latent by sqrt(numel/16384)"),
+        Preset("sdxl", "SDXL (eps, 1024 px)", _SD1_VALUES, calibrated=False,
+               source="extrapolated: the sd1 numbers, scaled to the 4x128x128 latent by sqrt(numel/16384)"),
     )
 }
