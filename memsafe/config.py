@@ -18,6 +18,7 @@ from .errors import ConfigError
 METHODS = ("off", "batch_wise", "per_sample", "auto")
 AUTO_METHODS = ("batch_wise", "per_sample")
 GRADIENTS = ("autograd", "finite_difference")
+OPTIMIZERS = ("adamw", "polyak")
 REFERENCE_NUMEL = 4 * 64 * 64  # SD1 latent at 512 px, where the paper's numbers were measured
 SD_SIGMA_MAX = 14.614642  # first k-diffusion sigma of SD1/SD2's 1000-step scaled-linear schedule
 
@@ -61,6 +62,9 @@ _FIELDS: dict[str, _Field] = {
                            "finite_difference (two forward passes, no activations kept)"),
     "fd_radius": _Field(float, 0.0, 1e3, low_open=True,
                         doc="finite_difference: probe distance along eps_tilde/||eps_tilde|| (at 16384 elements)"),
+    "optimizer": _Field(str, choices=OPTIMIZERS,
+                        doc="per-sample step: adamw (the paper; lr = AdamW learning rate) or polyak (step size "
+                            "from the known target; lr = largest step, RMS per element)"),
     "risk_threshold": _Field(
         float, 0.0, 1e6, doc="auto: images with risk >= this are adjusted (at 16384 elements)"
     ),
@@ -134,6 +138,7 @@ class MitigationConfig:
     weight_decay: float = 0.01
     gradient: str = "autograd"
     fd_radius: float = 1.0
+    optimizer: str = "adamw"
     # auto
     risk_threshold: float = 0.9
     auto_method: str = "per_sample"

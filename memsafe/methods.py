@@ -238,10 +238,33 @@ def _per_sample(
         report(it, config.max_iterations, norm_after, int(keep.sum()))
         if not bool(keep.any()):
             break
-        ops.adamw_step_(z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr,
-                        weight_decay=config.weight_decay)
+        if config.optimizer == "polyak":
+            polyak_step_(z_rows, grad, norm_after, active, steps, aim=POLYAK_AIM * scaled.target,
+                         max_rms_step=config.lr)
+        else:
+            ops.adamw_step_(z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr,
+                            weight_decay=config.weight_decay)
     z.index_copy_(0, index, z_rows)
     return norm_before.cpu(), norm_after.cpu(), steps.cpu()
+
+
+POLYAK_AIM = 0.9  # polyak steps aim a little below the target, so that round-off does not cost an extra step
+
+
+def polyak_step_(z: Tensor, grad: Tensor, norms: Tensor, active: Tensor, steps: Tensor, *, aim: float,
+                 max_rms_step: float) -> None:
+    """One Polyak step per ACTIVE image, in place: ``z -= (||eps_tilde|| - aim) / ||g||^2 * g``, the step length
+    to reach ``aim`` if ``||eps_tilde||`` were linear along ``g``, capped at ``max_rms_step * sqrt(numel)``.
+    The optimum value is known here (the target), which is what Polyak's step size needs; inactive images are
+    left bit-identical."""
+    g2 = grad.flatten(1).pow(2).sum(1)
+    g_norm = g2.sqrt()
+    length = (norms - aim).clamp_min(0) / g_norm.clamp_min(torch.finfo(g_norm.dtype).tiny)
+    length = length.clamp_max(max_rms_step * math.sqrt(z[0].numel()))
+    coef = torch.where(active & (g_norm > 0), length / g_norm.clamp_min(torch.finfo(g_norm.dtype).tiny),
+                       torch.zeros_like(length))
+    z.sub_(grad * coef.view(-1, *([1] * (z.dim() - 1))))
+    steps.add_(active.long())
 
 
 def _norms_and_gradients(

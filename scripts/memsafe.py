@@ -139,6 +139,10 @@ class MemSafeScript(scripts.Script):
                                               label="Per-sample gradient (finite_difference: no backprop, "
                                                     "much less VRAM)", interactive=False,
                                               elem_id=self.elem_id("gradient"))
+                fields["optimizer"] = gr.Radio(["adamw", "polyak"], value=defaults["optimizer"],
+                                               label="Per-sample step (polyak: step size from the target; "
+                                                     "learning rate = largest step)", interactive=False,
+                                               elem_id=self.elem_id("optimizer"))
         ordered = [fields[name] for name in FIELD_ORDER]
 
         def on_preset(name):

@@ -392,3 +392,32 @@ def test_finite_difference_reaches_the_target_on_the_unet_without_backprop(guida
         res = adjust_noise(z, guidance, cfg)
     assert (res.norm_after <= target).all() and res.evaluations.backward == 0
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_polyak_steps_reach_the_target_in_fewer_iterations_than_adamw():
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    g = ConservativeGuidance(z.shape)
+    start = per_image_norm(g(z))
+    common = {"method": "per_sample", "target": float(start.min()) * 0.7, "max_iterations": 200,
+              "scale_with_size": False}
+    adamw = adjust_noise(z, g, MitigationConfig(**common, lr=0.02))
+    polyak = adjust_noise(z, g, MitigationConfig(**common, optimizer="polyak", lr=0.5))
+    assert (polyak.norm_after <= common["target"]).all() and (adamw.norm_after <= common["target"]).all()
+    assert (polyak.iterations < adamw.iterations).all()
+    # the step length is capped: with a tiny cap every image moves by exactly cap * sqrt(numel) per step
+    capped = adjust_noise(z, g, MitigationConfig(**{**common, "max_iterations": 1}, optimizer="polyak", lr=1e-3))
+    moved = (capped.z - z).flatten(1).norm(dim=1)
+    torch.testing.assert_close(moved, torch.full((3,), 1e-3 * 32**0.5), rtol=1e-4, atol=1e-7)
+
+
+def test_polyak_leaves_inactive_images_untouched():
+    z = torch.randn(2, 1, 2, 2)
+    grad = torch.randn(2, 1, 2, 2)
+    steps = torch.zeros(2, dtype=torch.long)
+    before = z.clone()
+    memsafe.methods.polyak_step_(z, grad, torch.tensor([2.0, 2.0]), torch.tensor([True, False]), steps, aim=1.0,
+                                 max_rms_step=10.0)
+    assert torch.equal(z[1], before[1]) and not torch.equal(z[0], before[0])
+    assert steps.tolist() == [1, 0]
+    # a linear model is solved in one step: the projected norm drops to the aim
+    torch.testing.assert_close((before[0] - z[0]).flatten().norm() * grad[0].norm(), torch.tensor(1.0))

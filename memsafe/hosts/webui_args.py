@@ -38,6 +38,7 @@ FIELD_ORDER = (
     "scale_with_size",
     "gradient",
     "fd_radius",
+    "optimizer",
 )
 ARG_NAMES = ("enabled", "method", "preset", *FIELD_ORDER)
 DEFAULT_METHOD = "auto"
