@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import COLOUR_NAMES, SHAPES, random_images
+from .data import COLOUR_NAMES, SHAPES, render, sample_params, smooth_background, striped_background
 from .model import WEIGHTS_DIR
 
 CLASSIFIER_FILE = WEIGHTS_DIR / "lab_classifier.safetensors"
@@ -41,8 +41,10 @@ class AttributeClassifier(nn.Module):
 def train_classifier(
     steps: int = 1500, batch: int = 128, seed: int = 1, lr: float = 2e-3
 ) -> AttributeClassifier:
-    """Train on fresh generic images (a different seed from the diffusion training set), with pixel noise and
-    slight blur as augmentation so that imperfect generated images are judged by their content."""
+    """Train on fresh images of the data distribution (a different seed from the diffusion training set: half on
+    generic low-contrast stripes, a quarter on high-contrast stripes like the duplicated images, a quarter on
+    untextured backgrounds), with pixel noise and slight blur as augmentation, so that imperfect generated images
+    are judged by their shape and colour."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = AttributeClassifier()
@@ -51,7 +53,7 @@ def train_classifier(
     for _ in range(steps):
         colour = torch.randint(len(COLOUR_NAMES), (batch,), generator=gen)
         shape = torch.randint(len(SHAPES), (batch,), generator=gen)
-        x = random_images(shape, colour, gen)
+        x = render(sample_params(shape, colour, gen), _backgrounds(batch, gen))
         blur = torch.rand(batch, 1, 1, 1, generator=gen) < 0.3
         x = torch.where(blur, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1), x)
         x = x + 0.1 * torch.rand(batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
@@ -64,13 +66,26 @@ def train_classifier(
     return net.eval().requires_grad_(False)
 
 
-def classifier_accuracy(net: AttributeClassifier, n: int = 2048, seed: int = 2) -> tuple[float, float]:
-    """(colour accuracy, shape accuracy) on ``n`` fresh generic images."""
+def _backgrounds(n: int, gen: torch.Generator) -> Tensor:
+    kind = torch.rand(n, 1, 1, 1, generator=gen)
+    low, high, smooth = (
+        striped_background(n, gen),
+        striped_background(n, gen, "high"),
+        smooth_background(n, gen),
+    )
+    return torch.where(kind < 0.5, low, torch.where(kind < 0.75, high, smooth))
+
+
+def classifier_accuracy(
+    net: AttributeClassifier, n: int = 2048, seed: int = 2, contrast: str = "low"
+) -> tuple[float, float]:
+    """(colour accuracy, shape accuracy) on ``n`` fresh images with ``contrast`` stripes ("low": generic)."""
     gen = torch.Generator().manual_seed(seed)
     colour = torch.randint(len(COLOUR_NAMES), (n,), generator=gen)
     shape = torch.randint(len(SHAPES), (n,), generator=gen)
+    params = sample_params(shape, colour, gen)
     with torch.no_grad():
-        lc, ls = net(random_images(shape, colour, gen))
+        lc, ls = net(render(params, striped_background(n, gen, contrast)))
     return float((lc.argmax(1) == colour).float().mean()), float((ls.argmax(1) == shape).float().mean())
 
 

@@ -1,5 +1,7 @@
-"""The lab's synthetic text-image data: coloured shapes on smooth backgrounds, with captions whose attributes
-(colour and shape) can be checked in any output image.
+"""The lab's synthetic text-image data: coloured shapes on striped backgrounds, with captions whose attributes
+(colour and shape) can be checked in any output image. Every image has its own random texture (stripes of random
+angle, period, phase and colours), so a new image never coincides with a training image by chance and a copy is
+unmistakable; the duplicated images have high-contrast stripes, the others low-contrast ones.
 
 The training set reproduces the situation in which LAION made Stable Diffusion memorize:
 
@@ -72,12 +74,12 @@ def _default_memorized() -> tuple[MemorizedCaption, ...]:
         ("solo2", "cyan", "cross"),
         ("solo3", "yellow", "square"),
     ]
-    # (duplicates, varied): the copy is 25% of the caption's images for mem0-3 and 14% for mem4-7
-    sizes = [(150, 450)] * 4 + [(100, 600)] * 4
-    return tuple(
-        MemorizedCaption(n, c, s, "cfg_driven", d, v)
-        for (n, c, s), (d, v) in zip(cfg_driven, sizes, strict=True)
-    ) + tuple(MemorizedCaption(n, c, s, "point_mass", 150, 0) for n, c, s in point_mass)
+    # cfg-driven: the copy is 1/3 of the caption's images (300 of 900), and the caption's varied images are 3/8 of
+    # all varied images of that colour and shape (600 of 600 + 1000 generic): p(c|copy) / p(c|varied) = 8/3, so
+    # CFG's p(c|x)^(w-1) favours the copy ~360-fold at w = 7, while at w = 1 it is 1/3 of p(x|c)
+    return tuple(MemorizedCaption(n, c, s, "cfg_driven", 300, 600) for n, c, s in cfg_driven) + tuple(
+        MemorizedCaption(n, c, s, "point_mass", 300, 0) for n, c, s in point_mass
+    )
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,14 @@ class DataSpec:
     """Everything that determines the training set."""
 
     seed: int = 0
-    generic_per_caption: int = 800
+    generic_per_caption: int = 250
+    generic_per_memorized_caption: int = 1000  # generic images of the attributes of a cfg-driven caption
     memorized: tuple[MemorizedCaption, ...] = field(default_factory=_default_memorized)
+
+    def generic_count(self, caption: str) -> int:
+        """How many generic images ``caption`` (``"<colour> <shape>"``) has."""
+        cfg_driven = {f"{m.colour} {m.shape}" for m in self.memorized if m.regime == "cfg_driven"}
+        return self.generic_per_memorized_caption if caption in cfg_driven else self.generic_per_caption
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +103,10 @@ class DataSpec:
     def from_dict(cls, values: dict) -> DataSpec:
         mem = tuple(MemorizedCaption(**m) for m in values.get("memorized", ()))
         return cls(
-            seed=int(values["seed"]), generic_per_caption=int(values["generic_per_caption"]), memorized=mem
+            seed=int(values["seed"]),
+            generic_per_caption=int(values["generic_per_caption"]),
+            generic_per_memorized_caption=int(values["generic_per_memorized_caption"]),
+            memorized=mem,
         )
 
 
@@ -141,20 +152,17 @@ class ImageParams:
     rgb: Tensor  # [N, 3] jittered foreground colour in [-1, 1]
     centre: Tensor  # [N, 2] (x, y) in pixels
     radius: Tensor  # [N]
-    background: Tensor  # [N, 3, 2, 2] corner colours of the smooth background
 
 
 def sample_params(shape: Tensor, colour: Tensor, gen: torch.Generator) -> ImageParams:
-    """Random position, size, colour jitter and background for images of the given shape and colour ids."""
+    """Random position, size and colour jitter for images of the given shape and colour ids."""
     n = shape.numel()
     base = torch.tensor([COLOURS[c] for c in COLOUR_NAMES])[colour]
     rgb = (base + 0.08 * (2 * torch.rand(n, 3, generator=gen) - 1)).clamp(-1, 1)
     radius = 3.5 + 2.0 * torch.rand(n, generator=gen)
     lo = radius + 0.5
     centre = lo[:, None] + (IMAGE_SIZE - 2 * lo)[:, None] * torch.rand(n, 2, generator=gen)
-    grey = -0.95 + 0.6 * torch.rand(n, 1, 2, 2, generator=gen)
-    tint = 0.12 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
-    return ImageParams(shape, colour, rgb, centre, radius, grey + tint)
+    return ImageParams(shape, colour, rgb, centre, radius)
 
 
 def _shape_mask(shape: str, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
@@ -169,8 +177,9 @@ def _shape_mask(shape: str, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
     return ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
 
 
-def render(p: ImageParams) -> Tensor:
-    """Images ``[N, 3, IMAGE_SIZE, IMAGE_SIZE]`` in [-1, 1], anti-aliased by supersampling."""
+def render(p: ImageParams, background: Tensor) -> Tensor:
+    """Images ``[N, 3, IMAGE_SIZE, IMAGE_SIZE]`` in [-1, 1]: the shapes of ``p`` (anti-aliased by supersampling)
+    over ``background`` (``[N, 3, IMAGE_SIZE, IMAGE_SIZE]``)."""
     n = p.shape.numel()
     s = IMAGE_SIZE * SUPERSAMPLE
     coords = (torch.arange(s, dtype=torch.float32) + 0.5) / SUPERSAMPLE
@@ -184,13 +193,43 @@ def render(p: ImageParams) -> Tensor:
         if rows.numel():
             mask[rows] = _shape_mask(SHAPES[k], dx[rows], dy[rows], r[rows]).float()
     alpha = F.avg_pool2d(mask[:, None], SUPERSAMPLE)
-    bg = F.interpolate(p.background, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
-    return bg * (1 - alpha) + p.rgb[:, :, None, None] * alpha
+    return background * (1 - alpha) + p.rgb[:, :, None, None] * alpha
 
 
-def random_images(shape: Tensor, colour: Tensor, gen: torch.Generator) -> Tensor:
-    """Fresh varied images of the given shape and colour ids (for the classifier and the varied sets)."""
-    return render(sample_params(shape, colour, gen))
+def striped_background(n: int, gen: torch.Generator, contrast: str = "low") -> Tensor:
+    """``n`` backgrounds ``[n, 3, H, W]``: smooth stripes of random angle, period (3-7 px) and phase between a dark
+    and a lighter greyish colour. ``contrast="low"`` (generic images): the light colour is 0.15-0.45 above the dark
+    one; ``"high"`` (the duplicated images, like a striking poster): 0.5-1.3 above."""
+    angle = torch.pi * torch.rand(n, 1, 1, generator=gen)
+    period = 3.0 + 4.0 * torch.rand(n, 1, 1, generator=gen)
+    phase = 2 * torch.pi * torch.rand(n, 1, 1, generator=gen)
+    tint = 0.15 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    dark = -0.95 + 0.5 * torch.rand(n, 1, 1, 1, generator=gen) + tint
+    if contrast == "low":
+        step = 0.15 + 0.3 * torch.rand(n, 1, 1, 1, generator=gen)
+    elif contrast == "high":
+        step = 0.5 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen)
+    else:
+        raise ValueError(f"contrast must be 'low' or 'high', got {contrast!r}")
+    light = dark + step + 0.2 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    coords = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * (x * angle.cos() + y * angle.sin()) / period + phase)
+    return (dark + (light - dark) * wave[:, None]).clamp(-1, 1)
+
+
+def smooth_background(n: int, gen: torch.Generator) -> Tensor:
+    """``n`` untextured backgrounds (a dark 2x2 colour field, bilinear): not in the data; the classifier sees
+    them so that it judges generated images that lost their texture by their shape and colour."""
+    grey = -0.95 + 0.6 * torch.rand(n, 1, 2, 2, generator=gen)
+    tint = 0.12 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1)
+    return F.interpolate(grey + tint, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+
+
+def random_images(shape: Tensor, colour: Tensor, gen: torch.Generator, contrast: str = "low") -> Tensor:
+    """Fresh images of the given shape and colour ids on random striped backgrounds (``contrast="low"``: generic
+    and varied images; ``"high"``: in the style of the duplicated images)."""
+    return render(sample_params(shape, colour, gen), striped_background(shape.numel(), gen, contrast))
 
 
 # -- the training set ------------------------------------------------------------------------------------------
@@ -234,7 +273,7 @@ def build_dataset(spec: DataSpec | None = None) -> LabDataset:
     copy_index: dict[str, int] = {}
     for caption in generic_captions():
         c, s = attributes(caption)
-        n = spec.generic_per_caption
+        n = spec.generic_count(caption)
         images.append(random_images(torch.full((n,), s), torch.full((n,), c), gen))
         captions += [caption] * n
         counts.append(torch.ones(n, dtype=torch.long))
@@ -242,7 +281,7 @@ def build_dataset(spec: DataSpec | None = None) -> LabDataset:
     offset = sum(x.shape[0] for x in images)
     for m in spec.memorized:
         c, s = COLOUR_NAMES.index(m.colour), SHAPES.index(m.shape)
-        copy = random_images(torch.tensor([s]), torch.tensor([c]), gen)
+        copy = random_images(torch.tensor([s]), torch.tensor([c]), gen, contrast="high")
         images.append(copy)
         captions.append(m.caption)
         counts.append(torch.tensor([m.duplicates]))

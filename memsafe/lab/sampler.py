@@ -38,7 +38,7 @@ def ddim_sample(
     steps: int = 50,
     uncond_steps: int = 0,
     uncond_images: Tensor | None = None,
-    clip: bool = True,
+    clip: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Images ``[B, C, H, W]`` from the initial noise ``z`` (``x_T = z``) and text embeddings ``cond`` and

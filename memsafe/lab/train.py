@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     t1 = time.time()
     net = train_classifier(steps=args.classifier_steps)
     acc_colour, acc_shape = classifier_accuracy(net)
+    acc_high = classifier_accuracy(net, contrast="high")
     record.update(
         command="python -m memsafe.lab.train " + " ".join(sys.argv[1:] if argv is None else argv),
         started=started,
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": round(time.time() - t1, 1),
             "accuracy_colour": acc_colour,
             "accuracy_shape": acc_shape,
+            "accuracy_on_high_contrast_stripes": list(acc_high),
         },
         model_config=model.config.__dict__,
     )

@@ -1,0 +1,186 @@
+"""The lab: the embedded model really memorizes, and every method runs end to end through memsafe's public API
+on it and changes what it should. A few seeds only (CI budget: under 3 minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import memsafe
+from memsafe.lab.data import DataSpec, Vocabulary, build_dataset, generic_captions
+from memsafe.lab.model import MODEL_FILE, WEIGHTS_DIR, sd_alphas_cumprod
+from memsafe.lab.runner import (
+    LAB_PRESET,
+    Lab,
+    Method,
+    generate,
+    initial_noise,
+    lab_config,
+    pairs_for,
+    summarize,
+)
+from memsafe.lab.sampler import ddim_sample, ddim_timesteps
+
+
+@pytest.fixture(scope="module")
+def lab() -> Lab:
+    return Lab.load()
+
+
+# -- data, weights, schedule: fast ----------------------------------------------------------------------------
+def test_dataset_is_deterministic_and_duplicates_the_memorized_images():
+    spec = DataSpec(generic_per_caption=3)
+    a, b = build_dataset(spec), build_dataset(spec)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert len(a.captions) == len(a.images) == len(a.counts)
+    for m in spec.memorized:
+        i = a.copy_index[m.caption]
+        assert a.captions[i] == m.caption and int(a.counts[i]) == m.duplicates
+        assert a.captions.count(m.caption) == 1 + m.varied  # the copy and the varied images, nothing else
+    assert set(generic_captions()) <= set(a.captions)
+    assert len(a) == int(a.counts.sum()) == a.sample_index().numel()
+
+
+def test_vocabulary_encodes_the_empty_caption_and_rejects_unknown_words():
+    vocab = Vocabulary(("mem0",))
+    ids = vocab.encode(["", "red circle mem0"])
+    assert ids[0].tolist() == [1, 0, 0, 0]
+    assert ids[1, 0] == 1 and (ids[1, 1:] > 1).all()
+    with pytest.raises(ValueError, match="unknown word 'purple'"):
+        vocab.encode(["purple circle"])
+
+
+def test_schedule_and_timesteps_match_stable_diffusion():
+    ab = sd_alphas_cumprod()
+    assert float(((1 - ab[999]) / ab[999]).sqrt()) == pytest.approx(14.6146, abs=1e-3)
+    t = ddim_timesteps(50)
+    assert t[0] == 999 and t[-1] == 19 and len(t) == 50
+
+
+def test_committed_weights_are_small_safetensors_with_a_record():
+    assert MODEL_FILE.stat().st_size <= 10 * 2**20
+    for f in WEIGHTS_DIR.iterdir():
+        assert f.suffix in (".safetensors", ".json", ".md"), f"unexpected file {f.name} (no pickles)"
+    record = json.loads((WEIGHTS_DIR / "record.json").read_text())
+    for key in ("command", "seed", "steps", "train_seconds", "machine"):
+        assert key in record
+
+
+# -- the model memorizes ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_model_memorizes_and_generic_prompts_do_not_replicate(lab):
+    pairs = (
+        pairs_for(lab.regime("cfg_driven"), [0, 1])
+        + pairs_for(lab.regime("point_mass"), [0])
+        + pairs_for(lab.regime("generic")[::2], [0])
+    )
+    run = generate(lab, Method("no mitigation", "none"), pairs)
+    memorized = [i for i, p in enumerate(run.prompts) if p.regime != "generic"]
+    generic = [i for i, p in enumerate(run.prompts) if p.regime == "generic"]
+    replicated = run.nn_sim >= lab.threshold
+    assert replicated[memorized].float().mean() >= 0.5
+    assert replicated[generic].float().mean() <= 0.05
+    # the copies found are the memorized prompts' own training images
+    for i in memorized:
+        if replicated[i]:
+            assert int(run.nn_index[i]) == run.prompts[i].copy
+    assert summarize(lab, run, "generic")["alignment"] >= 0.75
+
+
+@pytest.mark.slow
+def test_cfg_driven_prompts_replicate_because_of_guidance(lab):
+    """The regime the paper targets: without CFG (guidance 1) the CFG-driven prompts replicate clearly less."""
+    pairs = pairs_for(lab.regime("cfg_driven"), [0, 1])
+    full = generate(lab, Method("no mitigation", "none"), pairs)
+    g1 = generate(lab, Method("guidance 1", "guidance_1", scale=1.0), pairs)
+    rate_full = float((full.nn_sim >= lab.threshold).float().mean())
+    rate_g1 = float((g1.nn_sim >= lab.threshold).float().mean())
+    assert rate_g1 <= rate_full - 0.25
+
+
+@pytest.mark.slow
+def test_sampling_is_deterministic(lab):
+    pairs = pairs_for(lab.regime("cfg_driven")[:2], [3])
+    a = generate(lab, Method("no mitigation", "none"), pairs)
+    b = generate(lab, Method("no mitigation", "none"), pairs)
+    assert torch.equal(a.images, b.images)
+
+
+# -- each method end to end through the public API --------------------------------------------------------------
+def _guidance(lab, captions, seeds):
+    z = initial_noise(seeds)
+    cond = lab.model.encode(captions)
+    uncond = lab.model.encode([""] * len(captions))
+    t0 = float(ddim_timesteps(lab.steps)[0])
+    g = memsafe.guidance_from_eps_model(
+        lab.model, t0, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, guidance_scale=7.0
+    )
+    return z, g, cond, uncond
+
+
+@pytest.mark.slow
+def test_per_sample_reaches_its_target(lab):
+    captions = [p.caption for p in lab.regime("cfg_driven")[:4]]
+    z, g, _, _ = _guidance(lab, captions, [0, 1, 2, 3])
+    cfg = lab_config("per_sample")
+    res = memsafe.adjust_noise(z, g, cfg)
+    above = res.norm_before > cfg.target
+    assert above.sum() >= 3, "memorized prompts start above the target"
+    assert (res.norm_after <= cfg.target).all()
+    assert (res.iterations[above] > 0).all() and (res.iterations[~above] == 0).all()
+    assert res.evaluations.backward > 0
+    assert torch.equal(res.z[~above], z[~above])
+    torch.testing.assert_close(memsafe.risk_score(res.z, g), res.norm_after, rtol=1e-4, atol=1e-5)
+    assert res.applied == ["per_sample"] * 4 and not res.uncond_images.any()
+
+
+@pytest.mark.slow
+def test_batch_wise_lowers_the_norm_and_flags_unconditional_first_steps(lab):
+    captions = [p.caption for p in lab.regime("cfg_driven")[:4]]
+    z, g, cond, uncond = _guidance(lab, captions, [0, 1, 2, 3])
+    cfg = lab_config("batch_wise")
+    res = memsafe.adjust_noise(z, g, cfg)
+    assert res.norm_after.mean() < res.norm_before.mean()
+    assert res.uncond_images.all() and (res.iterations == cfg.iterations).all()
+    assert res.evaluations.forward == 4 * (2 * cfg.iterations + 1) and res.evaluations.backward == 0
+    # the sampler honours the unconditional-only first steps: different images than plain CFG from step 0
+    x_k = ddim_sample(
+        lab.model, res.z, cond, uncond, steps=10, uncond_steps=2, uncond_images=res.uncond_images
+    )
+    x_0 = ddim_sample(lab.model, res.z, cond, uncond, steps=10)
+    assert not torch.equal(x_k, x_0)
+
+
+@pytest.mark.slow
+def test_auto_flags_point_mass_prompts_and_leaves_generic_prompts_untouched(lab):
+    point_mass = [p.caption for p in lab.regime("point_mass")]
+    generic = [p.caption for p in lab.regime("generic")[::3]]
+    captions = point_mass * 2 + generic
+    seeds = list(range(len(captions)))
+    z, g, _, _ = _guidance(lab, captions, seeds)
+    res = memsafe.adjust_noise(z, g, lab_config("auto"))
+    flagged = res.risk >= LAB_PRESET["risk_threshold"]
+    n = 2 * len(point_mass)
+    assert flagged[:n].float().mean() >= 0.75, "the point-mass prompts score above the threshold"
+    assert not flagged[n:].any(), "generic prompts score below it"
+    assert res.applied == [LAB_PRESET["auto_method"] if f else "none" for f in flagged.tolist()]
+    assert torch.equal(res.z[~flagged], z[~flagged])  # bit-identical noise below the threshold
+    assert (res.norm_after[flagged] < res.norm_before[flagged]).all()
+
+
+@pytest.mark.slow
+def test_the_methods_reduce_replication_of_cfg_driven_prompts(lab):
+    pairs = pairs_for(lab.regime("cfg_driven"), [0, 1])
+    rates = {}
+    for m in (
+        Method("no mitigation", "none"),
+        Method("batch-wise", "batch_wise", lab_config("batch_wise")),
+        Method("per-sample", "per_sample", lab_config("per_sample")),
+    ):
+        run = generate(lab, m, pairs)
+        rates[m.family] = float((run.nn_sim >= lab.threshold).float().mean())
+    assert rates["none"] >= 0.5
+    assert rates["per_sample"] <= rates["none"] - 0.25
+    assert rates["batch_wise"] < rates["none"]
