@@ -53,7 +53,7 @@ def main_methods() -> list[Method]:
     ]
 
 
-def regime_methods(delays: Sequence[int] = (3, 5, 10, 15, 20)) -> list[Method]:
+def regime_methods(delays: Sequence[int] = (3, 5, 10, 15, 20, 30)) -> list[Method]:
     """What separates the two memorized regimes: guidance 1 and CFG delayed by K steps, without any adjustment."""
     return [Method("guidance 1", "guidance_1", scale=1.0)] + [
         Method(f"CFG delayed {k} steps", "delayed_cfg", delay=k, sweep=f"K={k}") for k in delays
@@ -253,6 +253,7 @@ def evaluate(
         "averaged over RGB (1: identical)",
         "threshold": lab.threshold,
         "fresh_draws_vs_training": quantiles(fresh),
+        "fresh_draws_at_or_above_threshold": float((fresh >= lab.threshold).float().mean()),
         "fresh_draws_histogram": histogram(fresh),
         "generated_no_mitigation": {
             regime: {
@@ -302,8 +303,9 @@ def write_outputs(
     seconds: float,
     prefix: str = "lab",
 ) -> str:
-    """Write ``<prefix>.json``, ``<prefix>.md``, ``<prefix>_tradeoff.png`` and ``<prefix>_grid.png`` into
-    ``out``; returns the markdown table of the main results."""
+    """Write ``<prefix>.json``, ``<prefix>.md``, ``<prefix>_tradeoff.png``, ``<prefix>_grid.png`` (and its small
+    version for the README, ``<prefix>_grid_small.png``) into ``out``; returns the markdown table of the main
+    results."""
     out.mkdir(parents=True, exist_ok=True)
     results = dict(results)
     results["command"] = command
@@ -333,9 +335,10 @@ def write_outputs(
     }
     tradeoff_plot(curves, out / f"{prefix}_tradeoff.png")
     order = ["none", "delayed_cfg", "batch_wise", "per_sample", "auto"]
-    image_grid(
-        lab, [runs[k] for k in order if k in runs], grid_captions(lab), seeds, out / f"{prefix}_grid.png"
-    )
+    shown = [runs[k] for k in order if k in runs]
+    image_grid(lab, shown, grid_captions(lab), seeds, out / f"{prefix}_grid.png")
+    # the README's small version: one CFG-driven prompt, four seeds
+    image_grid(lab, shown, grid_captions(lab)[:1], seeds[:4], out / f"{prefix}_grid_small.png")
     md = [
         f"# memsafe lab results ({prefix})",
         "",
@@ -345,6 +348,37 @@ def write_outputs(
     ]
     if results.get("regime"):
         md += ["", "## Regimes: replication without noise adjustment", "", markdown_table(results["regime"])]
+    if results.get("sweeps"):
+        sweep_rows = [
+            dict(r, method=f"{fam}: {r.get('sweep') or r['method']}")
+            for fam, rows in results["sweeps"].items()
+            for r in rows
+        ]
+        md += ["", "## Sweeps on the CFG-driven prompts (the trade-off plot)", "", markdown_table(sweep_rows)]
+    sim = results.get("similarity")
+    if sim:
+        md += [
+            "",
+            "## Replication threshold",
+            "",
+            f"Similarity: {sim['definition']}. Threshold {sim['threshold']}: "
+            f"{100 * sim['fresh_draws_at_or_above_threshold']:.1f}% of fresh draws from the data distribution (new "
+            "images, similar to a training image by chance) reach it. Nearest-training-image similarity:",
+            "",
+            "| images | min | p01 | p50 | p99 | max |",
+            "|---|---|---|---|---|---|",
+        ]
+        groups = [
+            ("fresh draws from the data distribution (new by construction)", sim["fresh_draws_vs_training"])
+        ]
+        groups += [
+            (f"generated without mitigation: {REGIME_NAMES[k]}", v["quantiles"])
+            for k, v in sim["generated_no_mitigation"].items()
+        ]
+        for name, q in groups:
+            md.append(
+                f"| {name} | " + " | ".join(f"{q[k]:.3f}" for k in ("min", "p01", "p50", "p99", "max")) + " |"
+            )
     if results.get("variants"):
         md += [
             "",

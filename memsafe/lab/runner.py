@@ -23,10 +23,12 @@ from .sampler import ddim_sample, ddim_timesteps
 
 GUIDANCE_SCALE = 7.0
 SAMPLING_STEPS = 50
-# Replication: copy similarity (metrics.similarity) to the nearest training image at or above this. Chosen from
-# the measured distributions in bench/results/lab.md: between the new images that generic prompts generate and
-# the copies that memorized prompts generate.
-REPLICATION_THRESHOLD = 0.75
+# Replication: copy similarity (metrics.similarity) to the nearest training image at or above this. Measured in
+# bench/results/lab.md: fresh draws from the data distribution (new images by construction) reach 0.84 at their
+# 99th percentile against the 20k training images (random stripes sometimes line up by chance), generic prompts'
+# outputs stay below 0.69, and the copies that memorized prompts generate cluster at 0.86-0.99. 0.85 sits above
+# 99% of chance coincidences and below the copies.
+REPLICATION_THRESHOLD = 0.85
 
 # The lab preset: the paper's methods calibrated on the lab model (16x16 RGB pixels, 768 elements per image,
 # DDIM 50 steps, CFG 7); scale_with_size is off: the numbers are in the lab's own space. Measured on the
