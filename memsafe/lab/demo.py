@@ -18,7 +18,7 @@ import torch
 
 from .evaluate import Progress, grid_captions, main_methods
 from .report import image_grid, markdown_table, tradeoff_plot
-from .runner import LAB_PRESET, Lab, generate, pairs_for, summarize
+from .runner import LAB_PRESET, REPLICATION_THRESHOLD, Lab, generate, pairs_for, summarize
 
 
 def run_demo(out: Path, seeds: int = 4, quiet: bool = False) -> str:
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     print(
-        "replication: the nearest training image is a copy (similarity >= threshold); alignment: colour and shape "
+        f"replication: the nearest training image is a copy (similarity >= {REPLICATION_THRESHOLD}); alignment: "
+        "colour and shape "
         "of the prompt recognised by a classifier trained on generic data;\ndiversity: mean pairwise distance "
         "between a prompt's images; ‖ε̃‖: ||eps(z, prompt) - eps(z, '')|| at the first step."
     )

@@ -29,6 +29,10 @@ def _pct(value: float, spread: float | None = None) -> str:
     return text
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per (method, regime): replication (± 95% confidence half-width over seeds), alignment, diversity, norms, cost."""
     head = (
@@ -43,7 +47,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['method']} | {REGIME_NAMES.get(r['regime'], r['regime'])} | {r['images']} "
             f"| {_pct(r['replication'], r['replication_ci95'])} "
-            f"| {_pct(r['alignment'], r['alignment_ci95'])} | {r['diversity']:.3f} "
+            f"| {_pct(r['alignment'], r['alignment_ci95'])} | {_num(r['diversity'])} "
             f"| {r['norm_before']:.3f} → {r['norm_after']:.3f} "
             f"| {r['forward_per_image']:.1f} / {r['backward_per_image']:.1f} | {r['seconds_per_image']:.2f} |"
         )
@@ -81,7 +85,24 @@ def tradeoff_plot(sweeps: dict[str, list[dict[str, Any]]], path: str | Path, tit
             "per_sample": "per-sample (Alg. 2)",
             "auto": "auto",
         }.get(family, family)
-        ax.errorbar(xs, ys, yerr=err, marker=markers.get(family, "o"), ms=7, capsize=2, label=label, lw=1)
+        colour = {
+            "none": "C0",
+            "guidance_1": "C1",
+            "delayed_cfg": "C2",
+            "batch_wise": "C3",
+            "per_sample": "C4",
+        }
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            marker=markers.get(family, "o"),
+            ms=7,
+            capsize=2,
+            label=label,
+            lw=1,
+            color=colour.get(family, "C5"),
+        )
         for r, x, y in zip(rows, xs, ys, strict=True):
             if r.get("sweep"):
                 ax.annotate(r["sweep"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
