@@ -102,9 +102,17 @@ class Subject:
     denoiser: EpsDenoiser
     latent: tuple[int, int, int]
     device: torch.device
+    encode: Callable[[list[str]], Tensor] | None = None  # a real text encoder (the lab model), else random embeddings
+    captions: tuple[str, ...] = ()
 
     def conditioning(self, batch: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Random text embeddings (and SDXL's pooled embeddings and size ids) for cond and uncond."""
+        """Text embeddings for cond and uncond: the lab model's own captions (cycled) and its empty caption, or
+        random embeddings (and SDXL's pooled embeddings and size ids) for the random-weight UNets."""
+        if self.encode is not None:
+            captions = [self.captions[i % len(self.captions)] for i in range(batch)]
+            with torch.no_grad():
+                return ({"encoder_hidden_states": self.encode(captions)},
+                        {"encoder_hidden_states": self.encode([""] * batch)})
         gen = torch.Generator().manual_seed(seed)
         cfg, tokens = CONFIGS[self.name]
         dtype = self.denoiser.dtype
@@ -130,9 +138,22 @@ def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, la
     eps_cond - eps_uncond is non-zero and the methods have work to do."""
     from diffusers import UNet2DConditionModel
 
+    if name == "lab":
+        return build_lab(device)
     config, _ = CONFIGS[name]
     config = {**config, **(overrides or {})}
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
     size = latent or config["sample_size"]
     return Subject(name, EpsDenoiser(unet).to(device), (config["in_channels"], size, size), torch.device(device))
+
+
+def build_lab(device: str = "cpu") -> Subject:
+    """The lab model (memsafe/lab, trained weights that really memorize) as a denoiser in pixel space (3x16x16),
+    conditioned on its CFG-driven memorized captions."""
+    from memsafe.lab.model import load_model
+
+    model = load_model().to(device)
+    captions = tuple(m.caption for m in model.data_spec.memorized if m.regime == "cfg_driven")
+    return Subject("lab", EpsDenoiser(model.unet).to(device), (3, 16, 16), torch.device(device),
+                   encode=model.encode, captions=captions)

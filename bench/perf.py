@@ -34,8 +34,8 @@ from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_d
 from .models import Subject, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("plain", "batch_wise", "per_sample_exact", "per_sample", "per_sample_fd", "auto_safe",
-           "auto_safe_no_reuse")
+METHODS = ("plain", "batch_wise", "per_sample_exact", "per_sample", "per_sample_fd", "per_sample_polyak",
+           "auto_safe", "auto_safe_no_reuse")
 CFG_SCALE = 7.0
 
 
@@ -81,9 +81,10 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
         forward, backward = res.evaluations.forward, res.evaluations.backward
     elif method == "per_sample_exact":
         z, forward, backward = per_sample_exact(z, g, config)
-    elif method in ("per_sample", "per_sample_fd"):
+    elif method in ("per_sample", "per_sample_fd", "per_sample_polyak"):
         variant = config.replace(method="per_sample",
-                                 gradient="finite_difference" if method == "per_sample_fd" else "autograd")
+                                 gradient="finite_difference" if method == "per_sample_fd" else "autograd",
+                                 optimizer="polyak" if method == "per_sample_polyak" else "adamw")
         res = adjust_noise(z, g, variant)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
@@ -108,6 +109,11 @@ def setup(args: argparse.Namespace) -> tuple[Subject, Tensor, dict, dict, Mitiga
     gen = torch.Generator().manual_seed(1234)
     z = torch.randn(args.batch, *subject.latent, generator=gen).to(subject.device)
     cond, uncond = subject.conditioning(args.batch, seed=99)
+    if args.model == "lab":  # trained weights: the lab preset, whose efficacy bench/results/lab.json measured
+        from memsafe.lab.evaluate import FD_RADIUS
+        from memsafe.lab.runner import lab_config
+
+        return subject, z, cond, uncond, lab_config("per_sample", fd_radius=FD_RADIUS)
     # Random weights: the target is set relative to the measured risk so that every image iterates (the lab
     # model gives the realistic iteration counts).
     sigma0 = float(subject.denoiser.get_sigmas(args.steps)[0])
@@ -158,15 +164,36 @@ def measure_memory_child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
+        # The peak RSS of the generation itself: reset the kernel's high-water mark after the model is built
+        # (building it peaks higher than any run), then read it back (Linux >= 4.0; else the process peak).
+        reset = _reset_peak_rss()
         generate(subject, args.child, z, cond, uncond, args.steps, config)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_bytes": peak, "rss_now": _rss_bytes()}))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure_memory(args: argparse.Namespace, methods: list[str]) -> dict[str, int]:
     peaks = {}
     for m in methods:
-        cmd = [sys.executable, "-m", "bench", "perf", "--child", m, *[a for a in sys.argv[2:] if a != "--no-memory"]]
+        cmd = [sys.executable, "-m", "bench", "perf", "--child", m,
+               *[a for a in sys.argv[2:] if a not in ("--no-memory", "--memory-only")]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
         peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
         print(f"  memory {m:20s} {peaks[m] / 2**20:10.1f} MiB", flush=True)
@@ -179,12 +206,58 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str) -> None:
+    """Put newly measured memory ratios into the existing rows of the same model and device (the timed run's
+    command stays; ``peak_memory_command`` says how memory was measured)."""
+    path = RESULTS / "perf.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    model = args.model if args.latent is None else f"{args.model}@{args.latent}"
+    for method, peak in peaks.items():
+        row = next((r for r in rows if (r["model"], r["device"], r["method"]) == (model, args.device, method)), None)
+        if row is None:  # no timed run at this size (too slow here): a memory-only row
+            row = {"model": model, "device": args.device, "method": method, "dtype": args.dtype,
+                   "batch": args.batch, "time_ratio": float("nan"), "evaluations_per_image": float("nan"),
+                   "machine": machine(), "command": command}
+            rows.append(row)
+        row["peak_memory_ratio"] = peak / peaks["plain"]
+        row["peak_memory_bytes"] = peak
+        row["peak_memory_command"] = command
+    write_rows(rows)
+
+
+# lab.json row labels of the methods whose efficacy the lab evaluation measured (same seeds, prompts and target)
+LAB_EFFICACY = {"plain": ("main", "no mitigation"), "batch_wise": ("main", "batch-wise"),
+                "per_sample_exact": ("variants", "per_sample_exact"), "per_sample": ("variants", "per_sample"),
+                "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_polyak": ("variants", "per_sample_polyak")}
+
+
+def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
+    """Add replication rate, alignment and diversity on the lab's CFG-driven prompts (from
+    bench/results/lab.json, written by ``python -m memsafe.lab.evaluate``) to the lab model's rows."""
+    path = RESULTS / "lab.json"
+    if not path.exists():
+        return
+    lab = json.loads(path.read_text())
+    for row in rows:
+        if row["model"] != "lab" or row["method"] not in LAB_EFFICACY:
+            continue
+        section, label = LAB_EFFICACY[row["method"]]
+        for r in lab.get(section, []):
+            if r["method"] == label and r["regime"] == "cfg_driven":
+                row.update(replication_rate=r["replication"], replication_ci95=r["replication_ci95"],
+                           alignment=r["alignment"], alignment_ci95=r["alignment_ci95"],
+                           diversity=r["diversity"], lab_iterations_mean=r["iterations_mean"],
+                           efficacy_source=f"bench/results/lab.json ({lab.get('command', '')}), "
+                                           f"{r['images']} images, DDIM 50 steps, CFG 7")
+
+
 def write_rows(rows: list[dict[str, Any]]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "perf.json"
     existing = json.loads(path.read_text()) if path.exists() else []
     keys = {(r["model"], r["device"], r["method"]) for r in rows}
     merged = [r for r in existing if (r["model"], r["device"], r["method"]) not in keys] + rows
+    attach_lab_efficacy(merged)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     lines = ["# Cost of the methods against plain generation", "",
              "Written by `python -m bench perf` (see bench/perf.py); ratios are measured side by side in one run.",
@@ -204,7 +277,7 @@ def _fmt(v: Any) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl"])
+    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl", "lab"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
@@ -218,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fd-radius", type=float, default=0.5)
     p.add_argument("--max-iterations", type=int, default=50)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only (re)measure memory of existing rows")
+    p.add_argument("--refresh", action="store_true",
+                   help="only rewrite perf.md (and the lab rows' efficacy from lab.json) from perf.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -227,6 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     methods = ["plain", *[m for m in args.methods.split(",") if m != "plain"]]
     print(f"bench perf: {args.model} on {args.device} ({machine()}), {args.steps} steps, batch {args.batch}",
           flush=True)
+    if args.refresh:  # rewrite perf.md and the lab rows' efficacy from the rows already in perf.json
+        write_rows([])
+        return
+    if args.memory_only:  # fill in the memory ratios of the rows a timed run of the same model wrote
+        peaks = measure_memory(args, methods)
+        update_memory(args, peaks, "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv))
+        return
     info = measure_time(args, methods)
     peaks = {} if args.no_memory else measure_memory(args, methods)
     command = "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv)
@@ -236,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                "device": args.device, "method": m, "dtype": args.dtype, "steps": args.steps, "batch": args.batch,
                "time_ratio": info[m]["seconds"] / info["plain"]["seconds"],
                "peak_memory_ratio": (peaks[m] / peaks["plain"]) if peaks else float("nan"),
+               "peak_memory_bytes": peaks.get(m),
                **{k: v for k, v in info[m].items() if k != "seconds_all"},
                "machine": machine(), "command": command}
         rows.append(row)
