@@ -10,7 +10,7 @@ import torch
 
 import memsafe
 from memsafe.lab.data import DataSpec, Vocabulary, build_dataset, generic_captions
-from memsafe.lab.model import MODEL_FILE, WEIGHTS_DIR, sd_alphas_cumprod
+from memsafe.lab.model import MODEL_FILE, WEIGHTS_DIR, sd_alphas_cumprod, weights_metadata
 from memsafe.lab.runner import (
     LAB_PRESET,
     Lab,
@@ -66,6 +66,12 @@ def test_committed_weights_are_small_safetensors_with_a_record():
     record = json.loads((WEIGHTS_DIR / "record.json").read_text())
     for key in ("command", "seed", "steps", "train_seconds", "machine"):
         assert key in record
+    embedded = weights_metadata()  # the record travels inside the weights file too
+    assert (embedded["seed"], embedded["steps"], embedded["command"]) == (
+        record["seed"],
+        record["steps"],
+        record["command"],
+    )
 
 
 # -- the model memorizes ---------------------------------------------------------------------------------------

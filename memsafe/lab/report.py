@@ -127,7 +127,6 @@ def image_grid(
     captions: Sequence[str],
     seeds: Sequence[int],
     path: str | Path,
-    zoom: int = 4,
 ) -> None:
     """A PNG: per caption, one row per run (same seeds in the columns), with the training copy in the first
     column; replicated images are framed in red. Runs must contain every (caption, seed) pair shown."""
@@ -136,7 +135,6 @@ def image_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = lab.train_images.shape[-1]
     rows = len(captions) * len(runs)
     cols = len(seeds) + 1
     fig, axes = plt.subplots(
@@ -186,4 +184,3 @@ def image_grid(
     )
     fig.savefig(path)
     plt.close(fig)
-    del zoom, size
