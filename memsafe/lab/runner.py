@@ -199,14 +199,18 @@ def generate(
         guidance = memsafe.guidance_from_eps_model(
             model, t0, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}
         )
-        # ||eps_tilde|| of the original noise, for the report only (not part of any method's cost)
-        risk = memsafe.risk_score(z, guidance)
+        adjusting = method.config is not None and method.config.method != "off"
+        if not adjusting:  # ||eps_tilde|| of the original noise, for the report only (not part of the cost)
+            risk = memsafe.risk_score(z, guidance)
         tick = time.perf_counter()
         uncond_steps, uncond_images = method.delay, torch.ones(n, dtype=torch.bool)
-        if method.config is not None and method.config.method != "off":
+        if adjusting:
+            assert method.config is not None
             res = memsafe.adjust_noise(
                 z, guidance, method.config, progress=adjust_progress, max_batch=method.max_batch
             )
+            # every method measures ||eps_tilde|| of the original noise first: no second evaluation for the report
+            risk = res.risk if res.risk is not None else res.norm_before
             z = res.z
             forward += res.evaluations.forward
             backward += res.evaluations.backward
