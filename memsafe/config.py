@@ -63,8 +63,10 @@ _FIELDS: dict[str, _Field] = {
     "fd_radius": _Field(float, 0.0, 1e3, low_open=True,
                         doc="finite_difference: probe distance along eps_tilde/||eps_tilde|| (at 16384 elements)"),
     "optimizer": _Field(str, choices=OPTIMIZERS,
-                        doc="per-sample step: adamw (the paper; lr = AdamW learning rate) or polyak (step size "
-                            "from the known target; lr = largest step, RMS per element)"),
+                        doc="per-sample step: adamw (the paper, learning rate lr) or polyak (step length from the "
+                            "known target, at most max_step)"),
+    "max_step": _Field(float, 0.0, 10.0, low_open=True,
+                       doc="polyak: the largest step, as RMS per element of z (unit variance)"),
     "risk_threshold": _Field(
         float, 0.0, 1e6, doc="auto: images with risk >= this are adjusted (at 16384 elements)"
     ),
@@ -139,6 +141,7 @@ class MitigationConfig:
     gradient: str = "autograd"
     fd_radius: float = 1.0
     optimizer: str = "adamw"
+    max_step: float = 0.05
     # auto
     risk_threshold: float = 0.9
     auto_method: str = "per_sample"

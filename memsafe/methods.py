@@ -240,7 +240,7 @@ def _per_sample(
             break
         if config.optimizer == "polyak":
             polyak_step_(z_rows, grad, norm_after, active, steps, aim=POLYAK_AIM * scaled.target,
-                         max_rms_step=config.lr)
+                         max_rms_step=config.max_step)
         else:
             ops.adamw_step_(z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr,
                             weight_decay=config.weight_decay)

@@ -35,6 +35,7 @@ FIELD_LABELS = {
     "weight_decay": ("AdamW weight decay (per-sample)", 0.0, 1.0, 0.001),
     "risk_threshold": ("Risk threshold (auto)", 0.0, 50.0, 0.01),
     "fd_radius": ("Finite-difference probe distance (per-sample, forward-only gradient)", 0.01, 50.0, 0.01),
+    "max_step": ("Largest Polyak step (per-sample, RMS per element)", 0.001, 1.0, 0.001),
 }
 MAIN_FIELDS = ("target", "risk_threshold")
 
@@ -140,8 +141,8 @@ class MemSafeScript(scripts.Script):
                                                     "much less VRAM)", interactive=False,
                                               elem_id=self.elem_id("gradient"))
                 fields["optimizer"] = gr.Radio(["adamw", "polyak"], value=defaults["optimizer"],
-                                               label="Per-sample step (polyak: step size from the target; "
-                                                     "learning rate = largest step)", interactive=False,
+                                               label="Per-sample step (polyak: step length from the target, "
+                                                     "several times fewer iterations)", interactive=False,
                                                elem_id=self.elem_id("optimizer"))
         ordered = [fields[name] for name in FIELD_ORDER]
 

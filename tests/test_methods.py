@@ -401,11 +401,13 @@ def test_polyak_steps_reach_the_target_in_fewer_iterations_than_adamw():
     common = {"method": "per_sample", "target": float(start.min()) * 0.7, "max_iterations": 200,
               "scale_with_size": False}
     adamw = adjust_noise(z, g, MitigationConfig(**common, lr=0.02))
-    polyak = adjust_noise(z, g, MitigationConfig(**common, optimizer="polyak", lr=0.5))
+    polyak = adjust_noise(z, g, MitigationConfig(**common, optimizer="polyak", max_step=0.5))
     assert (polyak.norm_after <= common["target"]).all() and (adamw.norm_after <= common["target"]).all()
     assert (polyak.iterations < adamw.iterations).all()
     # the step length is capped: with a tiny cap every image moves by exactly cap * sqrt(numel) per step
-    capped = adjust_noise(z, g, MitigationConfig(**{**common, "max_iterations": 1}, optimizer="polyak", lr=1e-3))
+    one_step = {**common, "max_iterations": 1, "optimizer": "polyak"}
+    capped = adjust_noise(z, g, MitigationConfig(**one_step, max_step=1e-3))
+    assert torch.equal(adjust_noise(z, g, MitigationConfig(**one_step, max_step=1e-3, lr=0.5)).z, capped.z)  # not lr
     moved = (capped.z - z).flatten(1).norm(dim=1)
     torch.testing.assert_close(moved, torch.full((3,), 1e-3 * 32**0.5), rtol=1e-4, atol=1e-7)
 

@@ -39,6 +39,7 @@ FIELD_ORDER = (
     "gradient",
     "fd_radius",
     "optimizer",
+    "max_step",
 )
 ARG_NAMES = ("enabled", "method", "preset", *FIELD_ORDER)
 DEFAULT_METHOD = "auto"
