@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from . import ops
+from .checkpointing import checkpoint_blocks, checkpointed
 from .config import MitigationConfig, ScaledParams
 from .errors import GuidanceError, InputError, Interrupted
 from .guidance import GuidanceFn
@@ -153,6 +155,26 @@ class _Evaluator:
         return grad
 
 
+class _Recompute:
+    """Whether the per-sample backward recomputes activations block by block (:mod:`memsafe.checkpointing`):
+    ``always``, ``never``, or ``on_oom``: from the first CUDA out-of-memory error on."""
+
+    def __init__(self, model: torch.nn.Module | None, mode: str) -> None:
+        self.blocks = checkpoint_blocks(model) if model is not None else []
+        self.mode = mode
+        self.on = mode == "always" and bool(self.blocks)
+
+    def context(self) -> AbstractContextManager[None]:
+        return checkpointed(self.blocks) if self.on else nullcontext()
+
+    def escalate(self) -> bool:
+        """Switch checkpointing on after an out-of-memory error; False when it is already on or not allowed."""
+        if self.on or self.mode == "never" or not self.blocks:
+            return False
+        self.on = True
+        return True
+
+
 # -- the methods -----------------------------------------------------------------------------------------------
 def _batch_wise(
     z: Tensor,
@@ -192,6 +214,7 @@ def _per_sample(
     report: Callable[[int, int, Tensor, int], None],
     should_stop: Callable[[], bool] | None,
     max_batch: int | None,
+    recompute: _Recompute,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Paper Alg. 2 for every image ``index`` of ``z`` at once (in place): per-image AdamW state, step counts and
     stopping, so each image follows exactly the trajectory it would follow alone. An image stops as soon as its
@@ -202,7 +225,8 @@ def _per_sample(
     by backprop (``gradient="autograd"``, the paper), or forward-only as ``(eps_tilde(z + h u) - eps_tilde(z)) / h``
     (``"finite_difference"``), which is ``J u``: equal to ``J^T u`` for a conservative field such as a score
     model's, the same assumption behind the batch-wise method's probe. Model calls take at most ``max_batch``
-    images; on a CUDA out-of-memory error the batch is halved and the iteration retried.
+    images; on a CUDA out-of-memory error the iteration is retried, first with activation checkpointing
+    (``recompute``, if allowed and not yet on), then with the batch halved.
     """
     n = index.numel()
     device = z.device
@@ -224,12 +248,15 @@ def _per_sample(
         while True:
             try:
                 grad.zero_()
-                norms, keep = _norms_and_gradients(z_rows, live, index, ev, config, scaled, steps, grad, it, chunk)
+                with recompute.context():
+                    norms, keep = _norms_and_gradients(z_rows, live, index, ev, config, scaled, steps, grad, it,
+                                                       chunk)
                 break
             except torch.cuda.OutOfMemoryError:
-                if chunk == 1:
-                    raise
-                chunk = max(1, min(chunk, live.numel()) // 2)
+                if not (config.gradient == "autograd" and recompute.escalate()):
+                    if chunk == 1:
+                        raise
+                    chunk = max(1, min(chunk, live.numel()) // 2)
                 torch.cuda.empty_cache()
         if it == 0:
             norm_before.index_copy_(0, live, norms)
@@ -331,6 +358,9 @@ def risk_score(z: Tensor, guidance: GuidanceFn) -> Tensor:
     return _Evaluator(guidance, z32, Evaluations()).diff_norm(z32, index, "risk score").norms.cpu()
 
 
+CHECKPOINTING = ("on_oom", "always", "never")
+
+
 def adjust_noise(
     z: Tensor,
     guidance: GuidanceFn,
@@ -340,6 +370,8 @@ def adjust_noise(
     should_stop: Callable[[], bool] | None = None,
     measure_after: bool = True,
     max_batch: int | None = None,
+    checkpoint_model: torch.nn.Module | None = None,
+    checkpointing: str = "on_oom",
 ) -> AdjustResult:
     """Adjust the initial noise ``z`` ([B, C, H, W], unit variance) per ``config.method``.
 
@@ -353,11 +385,20 @@ def adjust_noise(
     the work by raising :class:`memsafe.Interrupted`. With ``measure_after`` (default), batch-wise spends one more
     evaluation to measure ``norm_after`` (a host can instead read it from its first sampling step).
     ``max_batch`` caps the images per model call of the per-sample method (memory; results are the same).
+    ``checkpoint_model`` (the UNet the guidance runs) lets the per-sample backward recompute activations block by
+    block instead of keeping them (:mod:`memsafe.checkpointing`: peak memory near plain generation's, about one
+    more forward per iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default:
+    from the first CUDA out-of-memory error on, before the batch is halved).
     Identical inputs give bit-identical outputs on the same device.
     """
     if not isinstance(config, MitigationConfig):
         raise InputError(f"memsafe: config must be a MitigationConfig, got {type(config).__name__}")
     _check_z(z)
+    if checkpointing not in CHECKPOINTING:
+        raise InputError(f"memsafe: checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
+    if checkpointing == "always" and checkpoint_model is None:
+        raise InputError("memsafe: checkpointing='always' needs checkpoint_model (the UNet the guidance runs)")
+    recompute = _Recompute(checkpoint_model, checkpointing)
     batch = z.shape[0]
     scaled = config.scaled(z[0].numel())
     evaluations = Evaluations()
@@ -420,7 +461,8 @@ def adjust_noise(
             else:
                 norm_after[index.cpu()] = math.nan
         else:
-            before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop, max_batch)
+            before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop, max_batch,
+                                              recompute)
             if config.method != "auto":
                 norm_before[index.cpu()] = before
             norm_after[index.cpu()] = after

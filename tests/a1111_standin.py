@@ -156,7 +156,7 @@ class StandInSDModel(nn.Module):
         self.parameterization = "eps"
         self.is_sdxl = self.is_sd2 = False
         self.is_sd1 = True
-        self.model = types.SimpleNamespace(conditioning_key="crossattn")
+        self.model = types.SimpleNamespace(conditioning_key="crossattn", diffusion_model=unet)
         self.fail_with_nan = fail_with_nan
         self.calls = 0
 

@@ -373,3 +373,29 @@ def test_noise_cache_is_bounded():
     cache.put("d", a1111.CachedNoise(torch.zeros(1), 1.0, record))
     assert len(cache) == 0
     assert math.isnan(a1111.ImageRecord("batch_wise", 2.0).risk_after)
+
+
+def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, script, unet, monkeypatch):
+    import types
+
+    import memsafe.checkpointing as ckpt
+
+    recomputed = []
+    original = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, **k: recomputed.append(fn) or original(fn, *a, **k))
+    host.shared.opts.memsafe_cache_size = 0
+    images = {}
+    for mode in ("never", "always", "on_oom"):
+        host.shared.opts.memsafe_checkpointing = mode
+        recomputed.clear()
+        _, images[mode] = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
+        assert bool(recomputed) == (mode == "always"), mode
+        assert all("forward" not in b.__dict__ for b in ckpt.checkpoint_blocks(unet))
+    torch.testing.assert_close(images["always"].images, images["never"].images, rtol=1e-4, atol=1e-4)
+    # --lowvram: per-block device hooks would not run on recompute, so the UNet is not handed over
+    host.shared.opts.memsafe_checkpointing = "always"
+    host.shared.cmd_opts = types.SimpleNamespace(lowvram=True)
+    recomputed.clear()
+    _, lowvram = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
+    assert not recomputed and a1111.unet_of(sd_model) is None
+    torch.testing.assert_close(lowvram.images, images["never"].images, rtol=1e-4, atol=1e-4)

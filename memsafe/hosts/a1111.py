@@ -59,6 +59,28 @@ def fail_policy() -> str:
     return _opt("memsafe_fail_policy", FAIL_STOP)
 
 
+def checkpointing_setting() -> str:
+    """Settings > MemSafe > activation checkpointing: one of methods.CHECKPOINTING (unknown values: on_oom)."""
+    value = _opt("memsafe_checkpointing", "on_oom")
+    return value if value in methods.CHECKPOINTING else "on_oom"
+
+
+def unet_of(sd_model: Any) -> torch.nn.Module | None:
+    """The UNet the guidance runs, for activation checkpointing: A1111's ``sd_model.model.diffusion_model``
+    (ldm DiffusionWrapper), Forge's ``forge_objects.unet.model.diffusion_model``. None where it cannot be found or
+    under ``--lowvram``, whose per-block device hooks would not run when a block is recomputed."""
+    from modules import shared
+
+    if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
+        return None
+    candidates = (
+        getattr(getattr(sd_model, "model", None), "diffusion_model", None),
+        getattr(getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None), "model", None),
+                "diffusion_model", None),
+    )
+    return next((m for m in candidates if isinstance(m, torch.nn.Module)), None)
+
+
 # -- model family ------------------------------------------------------------------------------------------------
 def model_family(sd_model: Any) -> str:
     """The preset family of a loaded A1111 model: sdxl, sd2-v, sd2 or sd1 (sd_models.py L380-395 flags)."""
@@ -498,8 +520,11 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
     if misses:
         index = torch.tensor(misses)
         sub = bg.guidance if len(misses) == batch else bg.guidance.select(index)
+        unet = unet_of(p.sd_model)
+        mode = checkpointing_setting() if unet is not None else "on_oom"
         result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
-                                      should_stop=should_stop, measure_after=False)
+                                      should_stop=should_stop, measure_after=False, checkpoint_model=unet,
+                                      checkpointing=mode)
         scaled = result.scaled
         for j, i in enumerate(misses):
             applied = result.applied[j]

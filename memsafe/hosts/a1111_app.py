@@ -39,6 +39,11 @@ def on_ui_settings() -> None:
     add("memsafe_cache_size", shared.OptionInfo(
         64, "Adjusted-noise cache (images; 0 = off)", gr.Slider, {"minimum": 0, "maximum": 1024, "step": 1},
         section=SECTION).info("re-running a seed (another upscaler, another batch) reuses its adjusted noise"))
+    add("memsafe_checkpointing", shared.OptionInfo(
+        "on_oom", "Per-sample: recompute UNet activations during backprop (activation checkpointing)", gr.Radio,
+        {"choices": ["on_oom", "always", "never"]}, section=SECTION).info(
+        "on_oom: only after a CUDA out-of-memory error; always: lowest VRAM, about one more UNet pass per "
+        "iteration; same images either way; not used with --lowvram"))
     add("memsafe_ops_backend", shared.OptionInfo(
         "auto", "Fused-ops backend", gr.Radio, {"choices": ["auto", "cuda", "cpp", "reference"]}, section=SECTION,
         onchange=apply_ops_backend).info("auto: CUDA or C++ if it builds, else the PyTorch reference (same numbers)"))

@@ -1,0 +1,91 @@
+"""Activation checkpointing of the per-sample backward (memsafe.checkpointing): same results, fewer kept bytes."""
+
+import pytest
+import torch
+
+from memsafe import InputError, MitigationConfig, adjust_noise, guidance_from_denoiser
+from memsafe.checkpointing import checkpoint_blocks, checkpointed
+
+SIGMA0 = 14.614642
+
+
+@pytest.fixture()
+def guidance(denoiser, batch):
+    _, cond, uncond = batch
+    return guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond}, {"cond": uncond})
+
+
+def kept_bytes(fn):
+    """Bytes autograd keeps for backward while ``fn`` runs its forward (every saved tensor, as packed)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def test_blocks_are_the_unets_big_blocks(unet):
+    blocks = checkpoint_blocks(unet)
+    expected = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]  # registration order
+    assert [id(b) for b in blocks] == [id(b) for b in expected]
+    with pytest.raises(TypeError, match="checkpoint_model"):
+        checkpoint_blocks(object())
+
+
+def test_checkpointed_keeps_fewer_bytes_same_gradient_and_restores_forward(guidance, batch, unet):
+    z, *_ = batch
+    blocks = checkpoint_blocks(unet)
+
+    def gradient():
+        x = z.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out, kept = kept_bytes(lambda: guidance(x).norm())
+            (g,) = torch.autograd.grad(out, [x])
+        return g, kept
+
+    plain_grad, plain_kept = gradient()
+    with checkpointed(blocks):
+        assert all("forward" in b.__dict__ for b in blocks)
+        ckpt_grad, ckpt_kept = gradient()
+        with torch.no_grad():  # forward-only calls are not checkpointed and give the same numbers
+            torch.testing.assert_close(guidance(z), guidance(z))
+    assert all("forward" not in b.__dict__ for b in blocks)  # restored: the class's forward again
+    torch.testing.assert_close(ckpt_grad, plain_grad, rtol=1e-5, atol=1e-7)
+    assert ckpt_kept < 0.5 * plain_kept, (ckpt_kept, plain_kept)
+
+
+def test_checkpointed_restores_forward_on_error(unet):
+    blocks = checkpoint_blocks(unet)
+    own = blocks[0].forward  # a forward set on the instance by someone else must come back as it was
+    blocks[0].forward = own
+    with pytest.raises(RuntimeError, match="boom"), checkpointed(blocks):
+        raise RuntimeError("boom")
+    assert blocks[0].__dict__["forward"] is own and all("forward" not in b.__dict__ for b in blocks[1:])
+    del blocks[0].forward
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "polyak"])
+def test_per_sample_with_checkpointing_gives_the_same_noise(guidance, batch, unet, optimizer):
+    z, *_ = batch
+    norms = guidance(z).flatten(1).norm(dim=1).detach()
+    cfg = MitigationConfig(method="per_sample", target=float(norms.min()) * 0.8, lr=0.05, max_iterations=8,
+                           optimizer=optimizer, scale_with_size=False)
+    plain = adjust_noise(z, guidance, cfg)
+    ckpt = adjust_noise(z, guidance, cfg, checkpoint_model=unet, checkpointing="always")
+    torch.testing.assert_close(ckpt.z, plain.z, rtol=1e-5, atol=1e-6)
+    assert ckpt.iterations.tolist() == plain.iterations.tolist() and plain.iterations.max() > 0
+    assert all("forward" not in b.__dict__ for b in checkpoint_blocks(unet))
+
+
+def test_checkpointing_argument_is_checked(guidance, batch, unet):
+    z, *_ = batch
+    cfg = MitigationConfig(method="per_sample", max_iterations=1)
+    with pytest.raises(InputError, match="checkpointing must be one of on_oom, always, never"):
+        adjust_noise(z, guidance, cfg, checkpoint_model=unet, checkpointing="sometimes")
+    with pytest.raises(InputError, match="needs checkpoint_model"):
+        adjust_noise(z, guidance, cfg, checkpointing="always")
