@@ -34,8 +34,11 @@ from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_d
 from .models import Subject, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("plain", "batch_wise", "per_sample_exact", "per_sample", "per_sample_fd", "per_sample_polyak",
-           "auto_safe", "auto_safe_no_reuse")
+# per_sample* variants: <gradient/step>[_checkpointed]; _checkpointed recomputes UNet activations in the backward
+# pass (memsafe.checkpointing) and gives the same images as the variant without it
+PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_polyak", "per_sample_checkpointed",
+              "per_sample_polyak_checkpointed")
+METHODS = ("plain", "batch_wise", "per_sample_exact", *PER_SAMPLE, "auto_safe", "auto_safe_no_reuse")
 CFG_SCALE = 7.0
 
 
@@ -81,11 +84,13 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
         forward, backward = res.evaluations.forward, res.evaluations.backward
     elif method == "per_sample_exact":
         z, forward, backward = per_sample_exact(z, g, config)
-    elif method in ("per_sample", "per_sample_fd", "per_sample_polyak"):
+    elif method in PER_SAMPLE:
         variant = config.replace(method="per_sample",
                                  gradient="finite_difference" if method == "per_sample_fd" else "autograd",
-                                 optimizer="polyak" if method == "per_sample_polyak" else "adamw")
-        res = adjust_noise(z, g, variant)
+                                 optimizer="polyak" if "polyak" in method else "adamw")
+        checkpointed = method.endswith("_checkpointed")
+        res = adjust_noise(z, g, variant, checkpoint_model=denoiser.unet if checkpointed else None,
+                           checkpointing="always" if checkpointed else "never")
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
     elif method in ("auto_safe", "auto_safe_no_reuse"):
@@ -228,7 +233,10 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str)
 # lab.json row labels of the methods whose efficacy the lab evaluation measured (same seeds, prompts and target)
 LAB_EFFICACY = {"plain": ("main", "no mitigation"), "batch_wise": ("main", "batch-wise"),
                 "per_sample_exact": ("variants", "per_sample_exact"), "per_sample": ("variants", "per_sample"),
-                "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_polyak": ("variants", "per_sample_polyak")}
+                "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_polyak": ("variants", "per_sample_polyak"),
+                # checkpointing changes no numbers (tests/test_checkpointing.py): the same images as without it
+                "per_sample_checkpointed": ("variants", "per_sample"),
+                "per_sample_polyak_checkpointed": ("variants", "per_sample_polyak")}
 
 
 def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
