@@ -14,7 +14,7 @@ from modules import processing, script_callbacks, scripts, shared  # noqa: E402
 from memsafe.config import PRESETS, MitigationConfig  # noqa: E402
 from memsafe.errors import ConfigError  # noqa: E402
 from memsafe.hosts import a1111, a1111_app  # noqa: E402
-from memsafe.hosts.webui_args import FIELD_ORDER, PRESET_CHOICES, UI_METHODS  # noqa: E402
+from memsafe.hosts.webui_args import FIELD_ORDER, PRESET_CHOICES, PRESET_FREE, UI_METHODS  # noqa: E402
 
 COSTS = {
     "auto": "Auto: one extra model evaluation per image to score its risk; only images at risk are adjusted "
@@ -129,7 +129,7 @@ class MemSafeScript(scripts.Script):
                         continue
                     label, low, high, step = FIELD_LABELS[name]
                     fields[name] = gr.Slider(low, high, value=defaults[name], step=step, label=label,
-                                             interactive=False, elem_id=self.elem_id(name))
+                                             interactive=name in PRESET_FREE, elem_id=self.elem_id(name))
                 fields["auto_method"] = gr.Radio(["per_sample", "batch_wise"], value=defaults["auto_method"],
                                                  label="Method for images at risk (auto)", interactive=False,
                                                  elem_id=self.elem_id("auto_method"))
@@ -138,11 +138,11 @@ class MemSafeScript(scripts.Script):
                                                         elem_id=self.elem_id("scale_with_size"))
                 fields["gradient"] = gr.Radio(["autograd", "finite_difference"], value=defaults["gradient"],
                                               label="Per-sample gradient (finite_difference: no backprop, "
-                                                    "much less VRAM)", interactive=False,
+                                                    "much less VRAM)", interactive=True,
                                               elem_id=self.elem_id("gradient"))
                 fields["optimizer"] = gr.Radio(["adamw", "polyak"], value=defaults["optimizer"],
                                                label="Per-sample step (polyak: step length from the target, "
-                                                     "several times fewer iterations)", interactive=False,
+                                                     "several times fewer iterations)", interactive=True,
                                                elem_id=self.elem_id("optimizer"))
         ordered = [fields[name] for name in FIELD_ORDER]
 
@@ -151,7 +151,9 @@ class MemSafeScript(scripts.Script):
             values = _preset_values("sd1" if name in ("auto", "custom") else name)
             if editable:
                 return [gr.update(interactive=True) for _ in ordered]
-            return [gr.update(value=v, interactive=False) for v in values]
+            # the preset's values; fields no preset sets keep what the user chose
+            return [gr.update(interactive=True) if name in PRESET_FREE else gr.update(value=v, interactive=False)
+                    for name, v in zip(FIELD_ORDER, values)]
 
         preset.change(on_preset, inputs=[preset], outputs=ordered, show_progress=False)
         method.change(lambda m: f"<p>{COSTS.get(m, '')}</p>", inputs=[method], outputs=[cost], show_progress=False)

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from memsafe import ConfigError, MitigationConfig
+from memsafe.config import PRESETS
 from memsafe.hosts import api_guard
-from memsafe.hosts.webui_args import ARG_NAMES, parse_script_args
+from memsafe.hosts.webui_args import ARG_NAMES, PRESET_FREE, parse_script_args
 
 
 def test_positional_arguments_in_the_documented_order():
@@ -27,6 +28,13 @@ def test_missing_trailing_arguments_and_presets():
     # field values count only with preset custom (the UI always sends them)
     assert parse_script_args([True, "auto", "sd2", 1.0]).resolve("sd1") == MitigationConfig.from_preset(
         "sd2", method="auto")
+    # ... except the fields no preset sets (how per-sample steps), which apply with every preset
+    args = dict.fromkeys(ARG_NAMES)
+    args.update(enabled=True, method="per_sample", preset="sd2", rho=1.0, optimizer="polyak", max_step=0.1)
+    assert parse_script_args(list(args.values())).resolve("sd1") == MitigationConfig.from_preset(
+        "sd2", method="per_sample", optimizer="polyak", max_step=0.1)
+    for preset in PRESETS.values():
+        assert not set(preset.values) & set(PRESET_FREE), preset.name
 
 
 def test_dict_form_puts_fields_on_top_of_the_preset():

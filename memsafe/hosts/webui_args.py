@@ -5,7 +5,7 @@ Positional order (``alwayson_scripts: {"memsafe": {"args": [...]}}``; missing tr
     0 enabled          bool
     1 method           "batch_wise" | "per_sample" | "auto"
     2 preset           "auto" (by model family) | "sd1" | "sd2" | "sd2-v" | "sdxl" | "custom"
-    3.. the MitigationConfig fields in FIELD_ORDER, used only with preset "custom"
+    3.. the MitigationConfig fields in FIELD_ORDER, used only with preset "custom", except PRESET_FREE ones
 
 Or one dict in slot 0: ``{"enabled": true, "method": "per_sample", "preset": "sdxl", "target": 1.2}``: the
 preset's values (auto: by model family) with the given fields on top; the other slots are then ignored. Every key other than ``enabled`` and
@@ -42,6 +42,9 @@ FIELD_ORDER = (
     "max_step",
 )
 ARG_NAMES = ("enabled", "method", "preset", *FIELD_ORDER)
+# Fields no preset sets (how per-sample computes its steps, not the paper's calibrated values): they apply with
+# every preset, so a WebUI user can pick the Polyak step or the forward-only gradient without going "custom".
+PRESET_FREE = ("gradient", "fd_radius", "optimizer", "max_step")
 DEFAULT_METHOD = "auto"
 
 
@@ -96,7 +99,7 @@ def parse_script_args(args: Sequence[Any] | None) -> ScriptRequest:
             raise ConfigError("args", f"got {len(args)} positional values; at most {len(ARG_NAMES)}: {', '.join(ARG_NAMES)}")
         named = {name: value for name, value in zip(ARG_NAMES, args) if value is not None}
         if named.get("preset", "auto") != "custom":  # positional field values only count with preset "custom"
-            named = {k: v for k, v in named.items() if k in ("enabled", "method", "preset")}
+            named = {k: v for k, v in named.items() if k in ("enabled", "method", "preset", *PRESET_FREE)}
     enabled = _as_bool("enabled", named.pop("enabled", False))
     if not enabled:
         return OFF
