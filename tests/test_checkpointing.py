@@ -89,3 +89,47 @@ def test_checkpointing_argument_is_checked(guidance, batch, unet):
         adjust_noise(z, guidance, cfg, checkpoint_model=unet, checkpointing="sometimes")
     with pytest.raises(InputError, match="needs checkpoint_model"):
         adjust_noise(z, guidance, cfg, checkpointing="always")
+
+
+class OutOfMemoryAbove:
+    """A guidance whose autograd forward runs out of (pretend) CUDA memory for more than ``rows`` images unless
+    the UNet is checkpointed; logs (images, checkpointed) of every autograd forward that ran."""
+
+    def __init__(self, inner, unet, rows, log):
+        self.inner, self.unet, self.rows, self.log = inner, unet, rows, log
+
+    def _check(self, z):
+        if torch.is_grad_enabled() and z.requires_grad:
+            checkpointed_now = "forward" in self.unet.down_blocks[0].__dict__
+            if z.shape[0] > self.rows and not checkpointed_now:
+                raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
+            self.log.append((z.shape[0], checkpointed_now))
+
+    def pair(self, z):
+        self._check(z)
+        return self.inner.pair(z)
+
+    def __call__(self, z):
+        self._check(z)
+        return self.inner(z)
+
+    def select(self, index):
+        return OutOfMemoryAbove(self.inner.select(index), self.unet, self.rows, self.log)
+
+
+def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance, batch, unet):
+    z, *_ = batch
+    norms = guidance(z).flatten(1).norm(dim=1).detach()
+    cfg = MitigationConfig(method="per_sample", target=float(norms.min()) * 0.8, lr=0.05, max_iterations=4,
+                           scale_with_size=False)
+    expected = adjust_noise(z, guidance, cfg).z
+    log = []
+    res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, checkpoint_model=unet)  # on_oom
+    torch.testing.assert_close(res.z, expected, rtol=1e-5, atol=1e-6)
+    assert log[0] == (3, True) and all(checkpointed for _, checkpointed in log)  # whole batch, checkpointed
+    log.clear()
+    res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, checkpoint_model=unet, checkpointing="never")
+    torch.testing.assert_close(res.z, expected, rtol=1e-3, atol=1e-4)  # one image per call: batch round-off only
+    assert log and all(rows == 1 and not checkpointed for rows, checkpointed in log)  # halved down to 1 image
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        adjust_noise(z, OutOfMemoryAbove(guidance, unet, 0, []), cfg, checkpoint_model=unet, checkpointing="never")
