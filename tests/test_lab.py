@@ -190,3 +190,32 @@ def test_the_methods_reduce_replication_of_cfg_driven_prompts(lab):
     assert rates["none"] >= 0.5
     assert rates["per_sample"] <= rates["none"] - 0.25
     assert rates["batch_wise"] < rates["none"]
+
+
+@pytest.mark.slow
+def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mitigates(lab):
+    pairs = pairs_for(lab.regime("cfg_driven"), [0, 1])
+    none = generate(lab, Method("no mitigation", "none"), pairs)
+    adamw = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample")), pairs)
+    polyak = generate(lab, Method("polyak", "per_sample", lab_config("per_sample", optimizer="polyak")), pairs)
+    target = LAB_PRESET["target"]
+    assert (polyak.norm_after <= target).all() and (adamw.norm_after <= target).all()
+    assert polyak.iterations.float().mean() <= adamw.iterations.float().mean() / 3
+    rate = {name: float((run.nn_sim >= lab.threshold).float().mean()) for name, run in
+            (("none", none), ("adamw", adamw), ("polyak", polyak))}
+    assert rate["polyak"] <= rate["none"] - 0.25 and rate["polyak"] <= rate["adamw"] + 0.125
+
+
+def test_rerun_variants_replaces_only_the_variant_rows(lab, tmp_path, monkeypatch):
+    from memsafe.lab import evaluate
+
+    results = {"command": "python -m memsafe.lab.evaluate", "seconds": 60.0, "main": [], "variants": [{"old": 1}]}
+    (tmp_path / "lab.json").write_text(json.dumps(results))
+    one = [Method("per_sample_polyak", "per_sample", lab_config("per_sample", optimizer="polyak"))]
+    monkeypatch.setattr(evaluate, "variant_methods", lambda: one)
+    monkeypatch.setattr(evaluate, "pairs_for", lambda prompts, seeds: pairs_for(prompts[:1], seeds))
+    rows = evaluate.rerun_variants(lab, [0], tmp_path, "lab", "python -m memsafe.lab.evaluate --variants-only")
+    saved = json.loads((tmp_path / "lab.json").read_text())
+    assert saved["variants"] == json.loads(json.dumps(rows)) and [r["method"] for r in rows] == ["per_sample_polyak"]
+    assert saved["main"] == [] and saved["command"] == results["command"]
+    assert "--variants-only" in (tmp_path / "lab.md").read_text()
