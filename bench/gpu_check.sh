@@ -23,44 +23,8 @@ unset MEMSAFE_OPS_BACKEND
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
-note() { echo "$*" | tee -a "$SUMMARY"; }
 
-# An interpreter whose torch sees a GPU: $PYTHON, else the repo's venv, else python3/python on PATH.
-pick_python() {
-  local candidate
-  for candidate in ${PYTHON:-} .venv/bin/python python3 python; do
-    [ -n "$candidate" ] || continue
-    command -v "$candidate" >/dev/null 2>&1 || [ -x "$candidate" ] || continue
-    if "$candidate" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-      echo "$candidate"
-      return 0
-    fi
-  done
-  return 1
-}
-if ! PY=$(pick_python); then
-  note "FAIL: no python whose torch sees a CUDA device (set PYTHON=...)"
-  exit 2
-fi
-
-# ninja: torch runs it from PATH; a venv used without activation keeps it in its bin folder.
-if ! command -v ninja >/dev/null 2>&1; then
-  NINJA_DIR=$("$PY" -c "import ninja, os; print(ninja.BIN_DIR)" 2>/dev/null || dirname "$PY")
-  [ -x "$NINJA_DIR/ninja" ] && export PATH="$NINJA_DIR:$PATH"
-fi
-
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record status and duration
-  local name=$1 limit=$2
-  shift 2
-  local t0=$(date +%s)
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  local status="ok"
-  [ $rc -eq 0 ] || status="FAILED (exit $rc$([ $rc -eq 124 ] && echo ', timed out'))"
-  note "$name: $status in $(($(date +%s) - t0)) s (log: $name.log)"
-  return $rc
-}
-
+source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja on PATH, step
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "host: $(uname -a)"

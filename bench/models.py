@@ -143,7 +143,9 @@ def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, la
     config, _ = CONFIGS[name]
     config = {**config, **(overrides or {})}
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialized where it runs: an SDXL-size UNet takes minutes to init on a CPU
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to(dtype=dtype).eval().requires_grad_(False)
     size = latent or config["sample_size"]
     return Subject(name, EpsDenoiser(unet).to(device), (config["in_channels"], size, size), torch.device(device))
 

@@ -142,11 +142,15 @@ def measure_time(args: argparse.Namespace, methods: list[str]) -> dict[str, dict
     for rep in range(args.repeats):
         for m in methods:  # interleaved, so load changes hit every method alike
             _sync(subject.device)
+            if subject.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
             out = generate(subject, m, z, cond, uncond, args.steps, config)
             _sync(subject.device)
             times[m].append(time.perf_counter() - t)
             info[m] = {k: v for k, v in out.items() if k != "images"}
+            if subject.device.type == "cuda":  # the allocator's peak, in process (the weights count in every row)
+                info[m]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
             print(f"  rep {rep + 1}/{args.repeats} {m:20s} {times[m][-1]:8.2f} s", flush=True)
     for m in methods:
         info[m]["seconds"] = statistics.median(times[m])
@@ -214,7 +218,7 @@ def machine() -> str:
 def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str) -> None:
     """Put newly measured memory ratios into the existing rows of the same model and device (the timed run's
     command stays; ``peak_memory_command`` says how memory was measured)."""
-    path = RESULTS / "perf.json"
+    path = args.out / "perf.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     model = args.model if args.latent is None else f"{args.model}@{args.latent}"
     for method, peak in peaks.items():
@@ -227,7 +231,7 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str)
         row["peak_memory_ratio"] = peak / peaks["plain"]
         row["peak_memory_bytes"] = peak
         row["peak_memory_command"] = command
-    write_rows(rows)
+    write_rows(rows, args.out)
 
 
 # lab.json row labels of the methods whose efficacy the lab evaluation measured (same seeds, prompts and target)
@@ -259,9 +263,11 @@ def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
                                            f"{r['images']} images, DDIM 50 steps, CFG 7")
 
 
-def write_rows(rows: list[dict[str, Any]]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "perf.json"
+def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
+    """Merge ``rows`` into ``out``/perf.json (a new row replaces the one of the same model, device and method)
+    and rewrite ``out``/perf.md from all rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "perf.json"
     existing = json.loads(path.read_text()) if path.exists() else []
     keys = {(r["model"], r["device"], r["method"]) for r in rows}
     merged = [r for r in existing if (r["model"], r["device"], r["method"]) not in keys] + rows
@@ -275,7 +281,7 @@ def write_rows(rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {r['model']} | {r['device']} | {r['method']} | {r['time_ratio']:.3f} | "
                      f"{r['peak_memory_ratio']:.3f} | {r['evaluations_per_image']:.1f} | "
                      f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{r['command']}` |")
-    (RESULTS / "perf.md").write_text("\n".join(lines) + "\n")
+    (out / "perf.md").write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v: Any) -> str:
@@ -302,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-only", action="store_true", help="only (re)measure memory of existing rows")
     p.add_argument("--refresh", action="store_true",
                    help="only rewrite perf.md (and the lab rows' efficacy from lab.json) from perf.json")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of perf.json/perf.md (default bench/results)")
+    p.add_argument("--import-rows", type=Path, default=None, metavar="PERF_JSON",
+                   help="only merge the rows of another perf.json (e.g. a GPU run's) into --out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -312,14 +321,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench perf: {args.model} on {args.device} ({machine()}), {args.steps} steps, batch {args.batch}",
           flush=True)
     if args.refresh:  # rewrite perf.md and the lab rows' efficacy from the rows already in perf.json
-        write_rows([])
+        write_rows([], args.out)
+        return
+    if args.import_rows:
+        write_rows(json.loads(args.import_rows.read_text()), args.out)
         return
     if args.memory_only:  # fill in the memory ratios of the rows a timed run of the same model wrote
         peaks = measure_memory(args, methods)
         update_memory(args, peaks, "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv))
         return
     info = measure_time(args, methods)
-    peaks = {} if args.no_memory else measure_memory(args, methods)
+    if args.device.startswith("cuda"):
+        peaks = {m: info[m].pop("cuda_peak_bytes") for m in methods}
+    else:
+        peaks = {} if args.no_memory else measure_memory(args, methods)
     command = "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv)
     rows = []
     for m in methods:
@@ -333,5 +348,5 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{m:20s} time x{row['time_ratio']:.3f}  memory x{row['peak_memory_ratio']:.3f}  "
               f"evaluations/image {row['evaluations_per_image']:.1f}")
-    write_rows(rows)
+    write_rows(rows, args.out)
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU cost of every method (issue 6), in one go, on a machine with an NVIDIA GPU and a CUDA build of torch:
+# python -m bench perf on the SD1.5-size UNet at 4x64x64 fp16 (50 steps) and the SDXL-size UNet at 4x128x128 fp16
+# (30 steps), batch 2, random weights built on the GPU (nothing downloaded). Time: median of interleaved repeats;
+# memory: CUDA max allocated per method, in process. Per-sample rows iterate until the target (a fraction of the
+# measured risk) or --max-iterations: on random weights the iteration count is set, not found, so read the rows
+# as cost per iteration next to the lab's measured iteration counts.
+#
+#   OUT=/some/dir bash bench/gpu_perf.sh          # PYTHON=/path/to/python to choose the interpreter
+#
+# Writes $OUT/perf.json and perf.md (rows as bench/results/perf.json), sd15.log, sdxl.log, summary.txt. Fits a
+# 10-minute limit. Then, here: python -m bench perf --import-rows $OUT/perf.json  (merges into bench/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out/gpu_perf}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja on PATH, step
+"$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name(0))" | tee -a "$SUMMARY"
+
+COMMON=(--device cuda --dtype float16 --batch 2 --repeats 3 --target-ratio 0.9 --max-iterations 10 --out "$OUT")
+FAILED=0
+step sd15 240 "$PY" -m bench perf --model sd15 --steps 50 "${COMMON[@]}" || FAILED=1
+LEFT=$((570 - ($(date +%s) - START)))
+if [ $LEFT -gt 60 ]; then
+  step sdxl "$LEFT" "$PY" -m bench perf --model sdxl --steps 30 "${COMMON[@]}" || FAILED=1
+else
+  note "sdxl: skipped (${LEFT} s left)"
+fi
+grep -h "time x" "$OUT"/sd15.log "$OUT"/sdxl.log 2>/dev/null | tee -a "$SUMMARY"
+note "total: $(($(date +%s) - START)) s; $([ $FAILED -eq 0 ] && echo PASS || echo FAIL)"
+exit $FAILED
