@@ -23,11 +23,14 @@ BIG_BLOCK_SHARE = 0.05  # a top-level child with at least this share of the para
 
 
 def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of ``model`` to checkpoint: every element of its top-level ``ModuleList``s (ldm's
-    ``input_blocks``/``output_blocks``, diffusers' ``down_blocks``/``up_blocks``) and every other top-level child
-    holding at least :data:`BIG_BLOCK_SHARE` of the parameters (``middle_block``/``mid_block``). Small layers
-    (time embedding, first and last convolutions) are left alone: they keep little. Disjoint, in the order the
-    children were registered."""
+    """The modules of ``model`` to checkpoint: the parts of its big blocks. The big blocks are the elements of its
+    top-level ``ModuleList``s (ldm's ``input_blocks``/``output_blocks``, diffusers' ``down_blocks``/``up_blocks``)
+    and every other top-level child holding at least :data:`BIG_BLOCK_SHARE` of the parameters
+    (``middle_block``/``mid_block``); their parts are their children, lists expanded: ldm's ResBlock and
+    SpatialTransformer, diffusers' ``resnets[i]`` and ``attentions[i]``, the down/upsamplers. Parts rather than
+    whole blocks, because the backward pass holds one checkpointed module's activations at a time (SD1.5, one
+    image, CPU: peak 1.29x plain generation with parts, 1.43x with whole blocks, 1.80x without). Small top-level
+    layers (time embedding, first and last convolutions) are left alone. Disjoint, in registration order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memsafe: checkpoint_model must be a torch.nn.Module, got {type(model).__name__}")
     total = sum(p.numel() for p in model.parameters())
@@ -37,7 +40,14 @@ def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
             blocks.extend(child)
         elif total and sum(p.numel() for p in child.parameters()) >= BIG_BLOCK_SHARE * total:
             blocks.append(child)
-    return blocks
+    return [part for block in blocks for part in _parts(block)]
+
+
+def _parts(block: nn.Module) -> list[nn.Module]:
+    parts: list[nn.Module] = []
+    for child in block.children():
+        parts.extend(child if isinstance(child, nn.ModuleList) else [child])
+    return parts or [block]
 
 
 def _checkpointing_forward(original: Callable[..., Any]) -> Callable[..., Any]:

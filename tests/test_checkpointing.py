@@ -29,10 +29,12 @@ def kept_bytes(fn):
     return out, total
 
 
-def test_blocks_are_the_unets_big_blocks(unet):
+def test_blocks_are_the_parts_of_the_unets_big_blocks(unet):
     blocks = checkpoint_blocks(unet)
-    expected = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]  # registration order
-    assert [id(b) for b in blocks] == [id(b) for b in expected]
+    big = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]  # registration order
+    expected = [m for b in big for name in ("attentions", "resnets", "downsamplers", "upsamplers")
+                for m in (getattr(b, name, None) or [])]
+    assert {id(b) for b in blocks} == {id(b) for b in expected} and len(blocks) == len(expected)
     with pytest.raises(TypeError, match="checkpoint_model"):
         checkpoint_blocks(object())
 
@@ -100,7 +102,7 @@ class OutOfMemoryAbove:
 
     def _check(self, z):
         if torch.is_grad_enabled() and z.requires_grad:
-            checkpointed_now = "forward" in self.unet.down_blocks[0].__dict__
+            checkpointed_now = "forward" in checkpoint_blocks(self.unet)[0].__dict__
             if z.shape[0] > self.rows and not checkpointed_now:
                 raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
             self.log.append((z.shape[0], checkpointed_now))
