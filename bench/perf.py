@@ -308,12 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-only", action="store_true", help="only (re)measure memory of existing rows")
     p.add_argument("--refresh", action="store_true",
                    help="only rewrite perf.md (and the lab rows' efficacy from lab.json) from perf.json")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of perf.json/perf.md (default bench/results)")
     p.add_argument("--import-rows", type=Path, default=None, metavar="PERF_JSON",
                    help="only merge the rows of another perf.json (e.g. a GPU run's) into --out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     if args.child:
         measure_memory_child(args)
         return
