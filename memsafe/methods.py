@@ -7,6 +7,7 @@ on the other images of its batch (batched == one at a time, within float toleran
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +21,8 @@ from .checkpointing import checkpoint_blocks, checkpointed
 from .config import MitigationConfig, ScaledParams
 from .errors import GuidanceError, InputError, Interrupted
 from .guidance import GuidanceFn
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -253,10 +256,15 @@ def _per_sample(
                                                        chunk)
                 break
             except torch.cuda.OutOfMemoryError:
-                if not (config.gradient == "autograd" and recompute.escalate()):
+                if config.gradient == "autograd" and recompute.escalate():
+                    _log.warning("memsafe: CUDA out of memory in the per-sample backward pass; recomputing the "
+                                 "UNet's activations from now on (activation checkpointing: same result, slower)")
+                else:
                     if chunk == 1:
                         raise
                     chunk = max(1, min(chunk, live.numel()) // 2)
+                    _log.warning("memsafe: CUDA out of memory in per-sample; %d image(s) per model call from now on",
+                                 chunk)
                 torch.cuda.empty_cache()
         if it == 0:
             norm_before.index_copy_(0, live, norms)

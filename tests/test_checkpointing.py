@@ -119,7 +119,7 @@ class OutOfMemoryAbove:
         return OutOfMemoryAbove(self.inner.select(index), self.unet, self.rows, self.log)
 
 
-def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance, batch, unet):
+def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance, batch, unet, caplog):
     z, *_ = batch
     norms = guidance(z).flatten(1).norm(dim=1).detach()
     cfg = MitigationConfig(method="per_sample", target=float(norms.min()) * 0.8, lr=0.05, max_iterations=4,
@@ -129,9 +129,11 @@ def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance,
     res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, checkpoint_model=unet)  # on_oom
     torch.testing.assert_close(res.z, expected, rtol=1e-5, atol=1e-6)
     assert log[0] == (3, True) and all(checkpointed for _, checkpointed in log)  # whole batch, checkpointed
+    assert "recomputing the UNet's activations" in caplog.text  # the user learns why it got slower
     log.clear()
     res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, checkpoint_model=unet, checkpointing="never")
     torch.testing.assert_close(res.z, expected, rtol=1e-3, atol=1e-4)  # one image per call: batch round-off only
     assert log and all(rows == 1 and not checkpointed for rows, checkpointed in log)  # halved down to 1 image
+    assert "1 image(s) per model call" in caplog.text
     with pytest.raises(torch.cuda.OutOfMemoryError):
         adjust_noise(z, OutOfMemoryAbove(guidance, unet, 0, []), cfg, checkpoint_model=unet, checkpointing="never")
