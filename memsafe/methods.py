@@ -394,8 +394,8 @@ def adjust_noise(
     evaluation to measure ``norm_after`` (a host can instead read it from its first sampling step).
     ``max_batch`` caps the images per model call of the per-sample method (memory; results are the same).
     ``checkpoint_model`` (the UNet the guidance runs) lets the per-sample backward recompute activations block by
-    block instead of keeping them (:mod:`memsafe.checkpointing`: peak memory near plain generation's, about one
-    more forward per iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default:
+    block instead of keeping them (:mod:`memsafe.checkpointing`: less than half the backward pass's extra memory,
+    about one more forward per iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default:
     from the first CUDA out-of-memory error on, before the batch is halved).
     Identical inputs give bit-identical outputs on the same device.
     """
@@ -404,6 +404,8 @@ def adjust_noise(
     _check_z(z)
     if checkpointing not in CHECKPOINTING:
         raise InputError(f"memsafe: checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
+    if checkpoint_model is not None and not isinstance(checkpoint_model, torch.nn.Module):
+        raise InputError(f"memsafe: checkpoint_model must be a torch.nn.Module, got {type(checkpoint_model).__name__}")
     if checkpointing == "always" and checkpoint_model is None:
         raise InputError("memsafe: checkpointing='always' needs checkpoint_model (the UNet the guidance runs)")
     recompute = _Recompute(checkpoint_model, checkpointing)

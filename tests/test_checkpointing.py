@@ -91,6 +91,8 @@ def test_checkpointing_argument_is_checked(guidance, batch, unet):
         adjust_noise(z, guidance, cfg, checkpoint_model=unet, checkpointing="sometimes")
     with pytest.raises(InputError, match="needs checkpoint_model"):
         adjust_noise(z, guidance, cfg, checkpointing="always")
+    with pytest.raises(InputError, match="checkpoint_model must be a torch.nn.Module, got str"):
+        adjust_noise(z, guidance, cfg, checkpoint_model="unet")
 
 
 class OutOfMemoryAbove:
