@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Single-threaded tests: comparisons are bit-exact only with a fixed reduction order, and CI has 2 cores.
 torch.set_num_threads(1)
 
-from helpers import LatentDiffusionStandIn, load_k_diffusion, small_unet  # noqa: E402
+from helpers import SIGMA0, LatentDiffusionStandIn, load_k_diffusion, small_unet  # noqa: E402
+from memsafe import guidance_from_denoiser  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,13 @@ def unet():
 def denoiser(kd, unet):
     """k-diffusion's CompVisDenoiser around the UNet, exactly how A1111 builds ``p.sampler.model_wrap``."""
     return kd.external.CompVisDenoiser(LatentDiffusionStandIn(unet), quantize=False)
+
+
+@pytest.fixture()
+def guidance(denoiser, batch):
+    """eps_cond - eps_uncond of the batch at SD's first sigma, through the k-diffusion denoiser."""
+    _, cond, uncond = batch
+    return guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond}, {"cond": uncond})
 
 
 @pytest.fixture()

@@ -12,6 +12,8 @@ import types
 import torch
 from torch import nn
 
+SIGMA0 = 14.614642  # SD's first k-diffusion sigma (the 1000-step scaled-linear schedule)
+
 
 def sd_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
     """SD1/SD2's schedule: scaled-linear betas from 0.00085 to 0.012 (ldm ``make_beta_schedule('linear')``)."""

@@ -3,16 +3,8 @@
 import pytest
 import torch
 
-from memsafe import InputError, MitigationConfig, adjust_noise, guidance_from_denoiser
+from memsafe import InputError, MitigationConfig, adjust_noise
 from memsafe.checkpointing import checkpoint_blocks, checkpointed
-
-SIGMA0 = 14.614642
-
-
-@pytest.fixture()
-def guidance(denoiser, batch):
-    _, cond, uncond = batch
-    return guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond}, {"cond": uncond})
 
 
 def kept_bytes(fn):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import memsafe
+from helpers import SIGMA0  # tests/ is on sys.path (conftest.py)
 from memsafe import (
     GuidanceError,
     InputError,
@@ -13,14 +14,6 @@ from memsafe import (
     guidance_from_denoiser,
     risk_score,
 )
-
-SIGMA0 = 14.614642
-
-
-@pytest.fixture()
-def guidance(denoiser, batch):
-    _, cond, uncond = batch
-    return guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond}, {"cond": uncond})
 
 
 def per_image_norm(t):
