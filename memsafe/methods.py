@@ -163,16 +163,21 @@ class _Recompute:
     ``always``, ``never``, or ``on_oom``: from the first CUDA out-of-memory error on."""
 
     def __init__(self, model: torch.nn.Module | None, mode: str) -> None:
-        self.blocks = checkpoint_blocks(model) if model is not None else []
+        self.model = model
         self.mode = mode
-        self.on = mode == "always" and bool(self.blocks)
+        self.on = mode == "always" and model is not None
+        self._blocks: list[torch.nn.Module] | None = None
 
     def context(self) -> AbstractContextManager[None]:
-        return checkpointed(self.blocks) if self.on else nullcontext()
+        if not self.on or self.model is None:
+            return nullcontext()
+        if self._blocks is None:  # found once, when first needed (not on the calls that never need them)
+            self._blocks = checkpoint_blocks(self.model)
+        return checkpointed(self._blocks)
 
     def escalate(self) -> bool:
         """Switch checkpointing on after an out-of-memory error; False when it is already on or not allowed."""
-        if self.on or self.mode == "never" or not self.blocks:
+        if self.on or self.mode == "never" or self.model is None:
             return False
         self.on = True
         return True
