@@ -87,6 +87,7 @@ def sweep_methods() -> dict[str, list[Method]]:
 # The per-sample variants of bench/perf.py (issue: per-sample strength at batch-wise cost), same names there: the
 # paper-exact method (AdamW on autograd gradients, one image at a time) against the faster ones, same target.
 FD_RADIUS = 0.2  # the SD default 1.0 scaled to the lab's 768 elements (sqrt(768 / 16384) = 0.22)
+POLYAK_MAX_STEPS = (0.01, 0.03, 0.1)  # around the default 0.05: what the cap on Polyak's step buys and costs
 
 
 def variant_methods() -> list[Method]:
@@ -106,9 +107,6 @@ def variant_methods() -> list[Method]:
             for s in POLYAK_MAX_STEPS
         ],
     ]
-
-
-POLYAK_MAX_STEPS = (0.01, 0.03, 0.1)  # around the default 0.05: what the cap on Polyak's step buys and costs
 
 
 class Progress:
