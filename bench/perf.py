@@ -224,7 +224,7 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str)
     command stays; ``peak_memory_command`` says how memory was measured)."""
     path = args.out / "perf.json"
     rows = json.loads(path.read_text()) if path.exists() else []
-    model = args.model if args.latent is None else f"{args.model}@{args.latent}"
+    model = _model_label(args)
     for method, peak in peaks.items():
         row = next((r for r in rows if (r["model"], r["device"], r["method"]) == (model, args.device, method)), None)
         if row is None:  # no timed run at this size (too slow here): a memory-only row
@@ -288,6 +288,16 @@ def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
     (out / "perf.md").write_text("\n".join(lines) + "\n")
 
 
+def _model_label(args: argparse.Namespace) -> str:
+    """The row's model name: the model, with the latent side when it is not the native one (sd15@8)."""
+    return args.model if args.latent is None else f"{args.model}@{args.latent}"
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command line that reproduces this run, as recorded in the rows."""
+    return "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv)
+
+
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.3f}"
 
@@ -333,17 +343,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.memory_only:  # fill in the memory ratios of the rows a timed run of the same model wrote
         peaks = measure_memory(args, methods)
-        update_memory(args, peaks, "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv))
+        update_memory(args, peaks, _command(argv))
         return
     info = measure_time(args, methods)
     if args.device.startswith("cuda"):
         peaks = {m: info[m].pop("cuda_peak_bytes") for m in methods}
     else:
         peaks = {} if args.no_memory else measure_memory(args, methods)
-    command = "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv)
+    command = _command(argv)
     rows = []
     for m in methods:
-        row = {"model": args.model if args.latent is None else f"{args.model}@{args.latent}",
+        row = {"model": _model_label(args),
                "device": args.device, "method": m, "dtype": args.dtype, "steps": args.steps, "batch": args.batch,
                "time_ratio_of_medians": info[m]["seconds"] / info["plain"]["seconds"],
                "peak_memory_ratio": (peaks[m] / peaks["plain"]) if peaks else float("nan"),
