@@ -145,7 +145,9 @@ def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, la
     torch.manual_seed(seed)
     with torch.device(device):  # initialized where it runs: an SDXL-size UNet takes minutes to init on a CPU
         unet = UNet2DConditionModel(**config)
-    unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+    # requires_grad stays on, as a host leaves it (A1111 runs inference under no_grad and never switches it off):
+    # the paper-exact loop pays for that, memsafe freezes the weights while it adjusts (adjust_noise(model=))
+    unet = unet.to(dtype=dtype).eval()
     size = latent or config["sample_size"]
     return Subject(name, EpsDenoiser(unet).to(device), (config["in_channels"], size, size), torch.device(device))
 

@@ -35,10 +35,11 @@ from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_d
 from .models import Subject, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# per_sample* variants: <gradient/step>[_checkpointed]; _checkpointed recomputes UNet activations in the backward
-# pass (memsafe.checkpointing) and gives the same images as the variant without it
+# per_sample* variants: <gradient/step>[_checkpointed][_one]; _checkpointed recomputes UNet activations in the
+# backward pass (memsafe.checkpointing), _one evaluates one image per model call (max_batch=1); both give the same
+# images as the variant without them
 PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_polyak", "per_sample_checkpointed",
-              "per_sample_polyak_checkpointed")
+              "per_sample_polyak_checkpointed", "per_sample_polyak_checkpointed_one")
 METHODS = ("plain", "batch_wise", "per_sample_exact", *PER_SAMPLE, "auto_safe", "auto_safe_no_reuse")
 CFG_SCALE = 7.0
 
@@ -89,9 +90,9 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
         variant = config.replace(method="per_sample",
                                  gradient="finite_difference" if method == "per_sample_fd" else "autograd",
                                  optimizer="polyak" if "polyak" in method else "adamw")
-        checkpointed = method.endswith("_checkpointed")
-        res = adjust_noise(z, g, variant, checkpoint_model=denoiser.unet if checkpointed else None,
-                           checkpointing="always" if checkpointed else "never")
+        checkpointed = "_checkpointed" in method
+        res = adjust_noise(z, g, variant, model=denoiser.unet, checkpointing="always" if checkpointed else "never",
+                           max_batch=1 if method.endswith("_one") else None)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
     elif method in ("auto_safe", "auto_safe_no_reuse"):
@@ -242,9 +243,10 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str)
 LAB_EFFICACY = {"plain": ("main", "no mitigation"), "batch_wise": ("main", "batch-wise"),
                 "per_sample_exact": ("variants", "per_sample_exact"), "per_sample": ("variants", "per_sample"),
                 "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_polyak": ("variants", "per_sample_polyak"),
-                # checkpointing changes no numbers (tests/test_checkpointing.py): the same images as without it
+                # checkpointing and one image per call change no numbers (tests/test_checkpointing.py, test_methods.py)
                 "per_sample_checkpointed": ("variants", "per_sample"),
-                "per_sample_polyak_checkpointed": ("variants", "per_sample_polyak")}
+                "per_sample_polyak_checkpointed": ("variants", "per_sample_polyak"),
+                "per_sample_polyak_checkpointed_one": ("variants", "per_sample_polyak")}
 
 
 def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:

@@ -1,10 +1,15 @@
-"""Activation checkpointing for the per-sample method's backward pass: less memory, one more forward.
+"""The per-sample method's backward pass without memory it does not need: frozen weights, activation checkpointing.
 
 Backprop through the UNet keeps every activation of the forward pass until the backward pass has used it: for SD1.5
 at 512 px that is several times the memory of plain generation (the paper: 9.7 GB against 3.6 GB). With the
 UNet's big blocks checkpointed, a forward under autograd keeps only each block's inputs, and the backward pass
 recomputes one block at a time (``torch.utils.checkpoint``, non-reentrant). The gradients are the same numbers
 (the same operations run again); the cost is about one more forward per iteration.
+
+Freezing is free: hosts leave the UNet's parameters requiring grad (A1111 never switches it off, because it runs
+inference under ``torch.no_grad``). Under autograd every ``Linear`` then also keeps its input for a weight gradient
+that a gradient with respect to the noise never computes; :func:`frozen_parameters` switches that off for the
+duration (SD1.5, 32x32 latents: 21% fewer saved activation bytes).
 
 Host-free: works on any ``torch.nn.Module`` (A1111/Forge's ldm ``UNetModel``, diffusers' ``UNet2DConditionModel``).
 """
@@ -32,7 +37,7 @@ def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
     image, CPU: peak 1.29x plain generation with parts, 1.43x with whole blocks, 1.80x without). Small top-level
     layers (time embedding, first and last convolutions) are left alone. Disjoint, in registration order."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"memsafe: checkpoint_model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"memsafe: model must be a torch.nn.Module, got {type(model).__name__}")
     total = sum(p.numel() for p in model.parameters())
     blocks: list[nn.Module] = []
     for child in model.children():
@@ -81,4 +86,21 @@ def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
                 block.forward = own
 
 
-__all__ = ["checkpoint_blocks", "checkpointed"]
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Within the ``with`` block, no parameter of ``model`` requires grad; those that did require it again on exit,
+    also on error. Gradients with respect to inputs are unchanged (the same backward formulas run), and autograd
+    no longer saves activations that only weight gradients need."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memsafe: model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+__all__ = ["checkpoint_blocks", "checkpointed", "frozen_parameters"]

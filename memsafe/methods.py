@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .checkpointing import checkpoint_blocks, checkpointed
+from .checkpointing import checkpoint_blocks, checkpointed, frozen_parameters
 from .config import MitigationConfig, ScaledParams
 from .errors import GuidanceError, InputError, Interrupted
 from .guidance import GuidanceFn
@@ -383,7 +383,7 @@ def adjust_noise(
     should_stop: Callable[[], bool] | None = None,
     measure_after: bool = True,
     max_batch: int | None = None,
-    checkpoint_model: torch.nn.Module | None = None,
+    model: torch.nn.Module | None = None,
     checkpointing: str = "on_oom",
 ) -> AdjustResult:
     """Adjust the initial noise ``z`` ([B, C, H, W], unit variance) per ``config.method``.
@@ -398,10 +398,12 @@ def adjust_noise(
     the work by raising :class:`memsafe.Interrupted`. With ``measure_after`` (default), batch-wise spends one more
     evaluation to measure ``norm_after`` (a host can instead read it from its first sampling step).
     ``max_batch`` caps the images per model call of the per-sample method (memory; results are the same).
-    ``checkpoint_model`` (the UNet the guidance runs) lets the per-sample backward recompute activations block by
-    block instead of keeping them (:mod:`memsafe.checkpointing`: less than half the backward pass's extra memory,
-    about one more forward per iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default:
-    from the first CUDA out-of-memory error on, before the batch is halved).
+    ``model`` (the UNet the guidance runs, optional) makes the per-sample backward lighter: its parameters stop
+    requiring grad while the noise is adjusted (same gradients; no activations kept for weight gradients; restored
+    afterwards), and its activations can be recomputed block by block instead of kept
+    (:mod:`memsafe.checkpointing`: less than half the backward pass's extra memory, about one more forward per
+    iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default: from the first
+    CUDA out-of-memory error on, before the batch is halved).
     Identical inputs give bit-identical outputs on the same device.
     """
     if not isinstance(config, MitigationConfig):
@@ -409,11 +411,11 @@ def adjust_noise(
     _check_z(z)
     if checkpointing not in CHECKPOINTING:
         raise InputError(f"memsafe: checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
-    if checkpoint_model is not None and not isinstance(checkpoint_model, torch.nn.Module):
-        raise InputError(f"memsafe: checkpoint_model must be a torch.nn.Module, got {type(checkpoint_model).__name__}")
-    if checkpointing == "always" and checkpoint_model is None:
-        raise InputError("memsafe: checkpointing='always' needs checkpoint_model (the UNet the guidance runs)")
-    recompute = _Recompute(checkpoint_model, checkpointing)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise InputError(f"memsafe: model must be a torch.nn.Module, got {type(model).__name__}")
+    if checkpointing == "always" and model is None:
+        raise InputError("memsafe: checkpointing='always' needs model (the UNet the guidance runs)")
+    recompute = _Recompute(model, checkpointing)
     batch = z.shape[0]
     scaled = config.scaled(z[0].numel())
     evaluations = Evaluations()
@@ -476,8 +478,10 @@ def adjust_noise(
             else:
                 norm_after[index.cpu()] = math.nan
         else:
-            before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop, max_batch,
-                                              recompute)
+            # the weights' gradients are never needed: no activations kept for them (checkpointing.py)
+            with frozen_parameters(model) if model is not None else nullcontext():
+                before, after, steps = _per_sample(z32, index, ev, config, scaled, report, should_stop, max_batch,
+                                                  recompute)
             if config.method != "auto":
                 norm_before[index.cpu()] = before
             norm_after[index.cpu()] = after

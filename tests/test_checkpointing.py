@@ -1,10 +1,11 @@
-"""Activation checkpointing of the per-sample backward (memsafe.checkpointing): same results, fewer kept bytes."""
+"""The per-sample backward's memory (memsafe.checkpointing): frozen weights and activation checkpointing give the
+same results with fewer kept bytes."""
 
 import pytest
 import torch
 
 from memsafe import InputError, MitigationConfig, adjust_noise
-from memsafe.checkpointing import checkpoint_blocks, checkpointed
+from memsafe.checkpointing import checkpoint_blocks, checkpointed, frozen_parameters
 
 
 def kept_bytes(fn):
@@ -27,7 +28,7 @@ def test_blocks_are_the_parts_of_the_unets_big_blocks(unet):
     expected = [m for b in big for name in ("attentions", "resnets", "downsamplers", "upsamplers")
                 for m in (getattr(b, name, None) or [])]
     assert {id(b) for b in blocks} == {id(b) for b in expected} and len(blocks) == len(expected)
-    with pytest.raises(TypeError, match="checkpoint_model"):
+    with pytest.raises(TypeError, match="model must be"):
         checkpoint_blocks(object())
 
 
@@ -63,6 +64,72 @@ def test_checkpointed_restores_forward_on_error(unet):
     del blocks[0].forward
 
 
+def test_frozen_parameters_keep_fewer_bytes_same_gradient_and_are_restored(guidance, batch, unet):
+    z, *_ = batch
+    params = list(unet.parameters())
+    assert all(p.requires_grad for p in params)  # as a host leaves them (A1111 never switches it off)
+    params[0].requires_grad_(False)  # one frozen by someone else stays frozen
+
+    def gradient():
+        x = z.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out, kept = kept_bytes(lambda: guidance(x).norm())
+            (g,) = torch.autograd.grad(out, [x])
+        return g, kept
+
+    trainable_grad, trainable_kept = gradient()
+    with frozen_parameters(unet):
+        assert not any(p.requires_grad for p in params)
+        frozen_grad, frozen_kept = gradient()
+    assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
+    torch.testing.assert_close(frozen_grad, trainable_grad, rtol=1e-5, atol=1e-7)
+    assert frozen_kept < 0.9 * trainable_kept, (frozen_kept, trainable_kept)  # Linear inputs are not kept
+    with pytest.raises(RuntimeError, match="boom"), frozen_parameters(unet):
+        raise RuntimeError("boom")
+    assert all(p.requires_grad for p in params[1:]) and all(p.grad is None for p in params)
+    params[0].requires_grad_(True)
+    with pytest.raises(TypeError, match="model must be"), frozen_parameters("unet"):
+        pass
+
+
+class WeightsSeen:
+    """A guidance that logs, at every autograd forward, whether any weight of ``unet`` required grad."""
+
+    def __init__(self, inner, unet, log):
+        self.inner, self.unet, self.log = inner, unet, log
+
+    def _note(self, z):
+        if torch.is_grad_enabled() and z.requires_grad:
+            self.log.append(any(p.requires_grad for p in self.unet.parameters()))
+
+    def pair(self, z):
+        self._note(z)
+        return self.inner.pair(z)
+
+    def __call__(self, z):
+        self._note(z)
+        return self.inner(z)
+
+    def select(self, index):
+        return WeightsSeen(self.inner.select(index), self.unet, self.log)
+
+
+def test_per_sample_freezes_the_models_weights_while_it_adjusts(guidance, batch, unet):
+    z, *_ = batch
+    norms = guidance(z).flatten(1).norm(dim=1).detach()
+    cfg = MitigationConfig(method="per_sample", target=float(norms.min()) * 0.8, lr=0.05, max_iterations=3,
+                           scale_with_size=False)
+    log = []
+    unfrozen = adjust_noise(z, WeightsSeen(guidance, unet, log), cfg, checkpointing="never")
+    assert log and all(log)  # without the model, the weights stay as the host left them
+    log.clear()
+    frozen = adjust_noise(z, WeightsSeen(guidance, unet, log), cfg, model=unet, checkpointing="never")
+    assert log and not any(log)
+    assert all(p.requires_grad and p.grad is None for p in unet.parameters())  # restored, no weight gradients
+    torch.testing.assert_close(frozen.z, unfrozen.z, rtol=1e-5, atol=1e-6)
+    assert frozen.iterations.tolist() == unfrozen.iterations.tolist()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "polyak"])
 def test_per_sample_with_checkpointing_gives_the_same_noise(guidance, batch, unet, optimizer):
     z, *_ = batch
@@ -70,7 +137,7 @@ def test_per_sample_with_checkpointing_gives_the_same_noise(guidance, batch, une
     cfg = MitigationConfig(method="per_sample", target=float(norms.min()) * 0.8, lr=0.05, max_iterations=8,
                            optimizer=optimizer, scale_with_size=False)
     plain = adjust_noise(z, guidance, cfg)
-    ckpt = adjust_noise(z, guidance, cfg, checkpoint_model=unet, checkpointing="always")
+    ckpt = adjust_noise(z, guidance, cfg, model=unet, checkpointing="always")
     torch.testing.assert_close(ckpt.z, plain.z, rtol=1e-5, atol=1e-6)
     assert ckpt.iterations.tolist() == plain.iterations.tolist() and plain.iterations.max() > 0
     assert all("forward" not in b.__dict__ for b in checkpoint_blocks(unet))
@@ -80,11 +147,11 @@ def test_checkpointing_argument_is_checked(guidance, batch, unet):
     z, *_ = batch
     cfg = MitigationConfig(method="per_sample", max_iterations=1)
     with pytest.raises(InputError, match="checkpointing must be one of on_oom, always, never"):
-        adjust_noise(z, guidance, cfg, checkpoint_model=unet, checkpointing="sometimes")
-    with pytest.raises(InputError, match="needs checkpoint_model"):
+        adjust_noise(z, guidance, cfg, model=unet, checkpointing="sometimes")
+    with pytest.raises(InputError, match="needs model"):
         adjust_noise(z, guidance, cfg, checkpointing="always")
-    with pytest.raises(InputError, match="checkpoint_model must be a torch.nn.Module, got str"):
-        adjust_noise(z, guidance, cfg, checkpoint_model="unet")
+    with pytest.raises(InputError, match="model must be a torch.nn.Module, got str"):
+        adjust_noise(z, guidance, cfg, model="unet")
 
 
 class OutOfMemoryAbove:
@@ -120,14 +187,14 @@ def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance,
                            scale_with_size=False)
     expected = adjust_noise(z, guidance, cfg).z
     log = []
-    res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, checkpoint_model=unet)  # on_oom
+    res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, model=unet)  # on_oom
     torch.testing.assert_close(res.z, expected, rtol=1e-5, atol=1e-6)
     assert log[0] == (3, True) and all(checkpointed for _, checkpointed in log)  # whole batch, checkpointed
     assert "recomputing the UNet's activations" in caplog.text  # the user learns why it got slower
     log.clear()
-    res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, checkpoint_model=unet, checkpointing="never")
+    res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, model=unet, checkpointing="never")
     torch.testing.assert_close(res.z, expected, rtol=1e-3, atol=1e-4)  # one image per call: batch round-off only
     assert log and all(rows == 1 and not checkpointed for rows, checkpointed in log)  # halved down to 1 image
     assert "1 image(s) per model call" in caplog.text
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        adjust_noise(z, OutOfMemoryAbove(guidance, unet, 0, []), cfg, checkpoint_model=unet, checkpointing="never")
+        adjust_noise(z, OutOfMemoryAbove(guidance, unet, 0, []), cfg, model=unet, checkpointing="never")

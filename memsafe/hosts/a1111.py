@@ -523,7 +523,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         unet = unet_of(p.sd_model)
         mode = checkpointing_setting() if unet is not None else "on_oom"
         result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
-                                      should_stop=should_stop, measure_after=False, checkpoint_model=unet,
+                                      should_stop=should_stop, measure_after=False, model=unet,
                                       checkpointing=mode)
         scaled = result.scaled
         for j, i in enumerate(misses):
