@@ -1,10 +1,11 @@
-"""``python -m bench perf ...`` (method cost, bench/perf.py) or ``python -m bench ops ...`` (fused ops)."""
+"""``python -m bench perf ...`` (method cost, bench/perf.py), ``python -m bench ops ...`` (fused ops) or
+``python -m bench saved ...`` (what the per-sample backward keeps, bench/saved.py)."""
 
 import sys
 
 
 def main() -> None:
-    commands = {"perf": "bench.perf", "ops": "bench.bench_ops"}
+    commands = {"perf": "bench.perf", "ops": "bench.bench_ops", "saved": "bench.saved"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m bench {{{','.join(commands)}}} [options]  (--help for each)", file=sys.stderr)
         raise SystemExit(2)

@@ -8,7 +8,7 @@
 #
 #   OUT=/some/dir bash bench/gpu_perf.sh          # PYTHON=/path/to/python to choose the interpreter
 #
-# Writes $OUT/perf.json and perf.md (rows as bench/results/perf.json), sd15.log, sdxl.log, summary.txt. Fits a
+# Writes $OUT/perf.json and perf.md (rows as bench/results/perf.json), sd15.log, saved.log, sdxl.log, summary.txt. Fits a
 # 10-minute limit. Then, here: python -m bench perf --import-rows $OUT/perf.json  (merges into bench/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,8 @@ source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja o
 COMMON=(--device cuda --dtype float16 --batch 2 --repeats 3 --target-ratio 0.9 --max-iterations 10 --out "$OUT")
 FAILED=0
 step sd15 240 "$PY" -m bench perf --model sd15 --steps 50 "${COMMON[@]}" || FAILED=1
+# what one image's backward keeps on the GPU (CUDA attention kernels, fp16): counts, seconds
+step saved 60 "$PY" -m bench saved --model sd15 --latent 64 --dtype float16 || FAILED=1
 LEFT=$((570 - ($(date +%s) - START)))
 if [ $LEFT -gt 60 ]; then
   step sdxl "$LEFT" "$PY" -m bench perf --model sdxl --steps 30 "${COMMON[@]}" || FAILED=1
@@ -31,5 +33,6 @@ else
   note "sdxl: skipped (${LEFT} s left)"
 fi
 grep -h "time x" "$OUT"/sd15.log "$OUT"/sdxl.log 2>/dev/null | tee -a "$SUMMARY"
+grep -h "MiB" "$OUT"/saved.log 2>/dev/null | tee -a "$SUMMARY"
 note "total: $(($(date +%s) - START)) s; $([ $FAILED -eq 0 ] && echo PASS || echo FAIL)"
 exit $FAILED

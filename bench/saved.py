@@ -1,0 +1,154 @@
+"""What the per-sample backward pass keeps, in bytes (issue 6): the breakdown behind its peak-memory ratios.
+
+    python -m bench saved --model sd15 --latent 64            # one image (its cond and uncond rows), fp32, CPU
+
+One forward under autograd through a random-weight UNet (bench/models.py), counting every tensor autograd keeps
+for the backward pass once (by storage; the weights themselves are not counted):
+
+- ``trainable``: the weights require grad, as the hosts leave them (A1111 never switches it off);
+- ``frozen``: memsafe's ``adjust_noise(model=unet)`` (memsafe.checkpointing.frozen_parameters);
+- ``checkpointed``: frozen and the UNet's parts checkpointed (``checkpointing="always"``): what stays is the
+  parts' inputs plus what the layers between the parts save; the backward pass then recomputes one part at a
+  time, so the largest part's own saved bytes come on top at its turn.
+
+Counts, not timings: exact on any machine. Transient buffers (a kernel's workspace, the gradients flowing back)
+are not in it; ``python -m bench perf --memory-only`` measures the whole peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from memsafe.checkpointing import checkpoint_blocks, frozen_parameters
+
+from .models import build
+
+MiB = 2**20
+
+
+def _storage_key(t: Tensor) -> tuple[int, str]:
+    return t.untyped_storage().data_ptr(), str(t.device)
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages packed for backward (weights excluded) while the ``with`` block runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._weights = {_storage_key(p) for p in model.parameters()}
+        self.storages: dict[tuple[int, str], int] = {}
+
+    def add(self, t: Tensor) -> None:
+        key = _storage_key(t)
+        if key not in self._weights:
+            self.storages[key] = t.untyped_storage().nbytes()
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    def pack(self, t: Tensor) -> Tensor:
+        self.add(t)
+        return t
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def _tensors_in(values: object) -> list[Tensor]:
+    if isinstance(values, Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _tensors_in(v)]
+    if isinstance(values, dict):
+        return [t for v in values.values() for t in _tensors_in(v)]
+    return []
+
+
+def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int]:
+    """The breakdown (bytes) for one forward ``forward()`` of ``unet`` under autograd."""
+    unet.requires_grad_(True)
+    trainable = _SavedBytes(unet)
+    with trainable.hooks():
+        forward()
+    out = {"trainable": trainable.total}
+    with frozen_parameters(unet):
+        frozen = _SavedBytes(unet)
+        with frozen.hooks():
+            forward()
+        out["frozen"] = frozen.total
+        # checkpointed: each part keeps its inputs; the layers between the parts keep what they save
+        parts = checkpoint_blocks(unet)
+        inputs, between = _SavedBytes(unet), _SavedBytes(unet)
+        own: list[_SavedBytes] = []  # per part run: what it saves itself (what its recomputation holds)
+        running: list[_SavedBytes] = []
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            for t in _tensors_in((args, kwargs)):
+                inputs.add(t)
+            own.append(_SavedBytes(unet))
+            running.append(own[-1])
+
+        def leave(module: nn.Module, args: tuple, kwargs: dict, result: object) -> None:
+            running.pop()
+
+        def pack(t: Tensor) -> Tensor:
+            (running[-1] if running else between).add(t)
+            return t
+
+        handles = [h for part in parts for h in (part.register_forward_pre_hook(enter, with_kwargs=True),
+                                                 part.register_forward_hook(leave, with_kwargs=True))]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                forward()
+        finally:
+            for h in handles:
+                h.remove()
+        out["checkpointed"] = sum({**inputs.storages, **between.storages}.values())  # a storage counts once
+        out["part_inputs"] = inputs.total
+        out["largest_part"] = max(s.total for s in own)
+        out["parts"] = len(parts)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench saved", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    subject = build(args.model, args.device, getattr(torch, args.dtype), latent=args.latent)
+    cond, uncond = subject.conditioning(1, seed=99)
+    both = {k: torch.cat([cond[k], uncond[k]]) if isinstance(cond[k], Tensor)
+            else {n: torch.cat([cond[k][n], uncond[k][n]]) for n in cond[k]} for k in cond}
+    z = torch.randn(1, *subject.latent, generator=torch.Generator().manual_seed(1234)).to(subject.device)
+    sigma = subject.denoiser.get_sigmas(50)[:1].to(subject.device)
+
+    def forward() -> Tensor:
+        x = (z * sigma).requires_grad_(True)
+        with torch.enable_grad():
+            return subject.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
+
+    unet = subject.denoiser.unet
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    b = saved_bytes(unet, forward)
+    print(f"bench saved: {args.model} {subject.latent} {args.dtype} on {args.device}, one image (2 rows); "
+          f"weights {weights / MiB:.0f} MiB")
+    print(f"  kept for backward, weights trainable: {b['trainable'] / MiB:9.1f} MiB")
+    print(f"  kept for backward, weights frozen   : {b['frozen'] / MiB:9.1f} MiB "
+          f"({1 - b['frozen'] / b['trainable']:.0%} less)")
+    print(f"  frozen and checkpointed ({b['parts']} parts): {b['checkpointed'] / MiB:9.1f} MiB kept "
+          f"({b['part_inputs'] / MiB:.1f} of them the parts' inputs), "
+          f"+ {b['largest_part'] / MiB:.1f} MiB while the largest part is recomputed")
+
+
+if __name__ == "__main__":
+    main()
