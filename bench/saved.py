@@ -12,12 +12,16 @@ for the backward pass once (by storage; the weights themselves are not counted):
   time, so the largest part's own saved bytes come on top at its turn.
 
 Counts, not timings: exact on any machine. Transient buffers (a kernel's workspace, the gradients flowing back)
-are not in it; ``python -m bench perf --memory-only`` measures the whole peak.
+are not in it; ``python -m bench perf --memory-only`` measures the whole peak. With ``--time-repeats N`` it also
+times a forward pass against a forward + backward pass (frozen weights, gradient with respect to the input only),
+interleaved, and prints the median ratio: what one per-sample gradient costs in forward passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -114,6 +118,30 @@ def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int
     return out
 
 
+def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor],
+                  repeats: int) -> list[float]:
+    """Per repeat: the seconds of a forward + backward pass (frozen weights, gradient with respect to the input)
+    over those of a forward pass alone (no autograd), minus one: a backward pass's cost in forward passes.
+    Interleaved, so that drift in the machine's speed hits both alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    ratios = []
+    with frozen_parameters(unet):
+        for _ in range(repeats):
+            x = make_x()
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                run(x)
+            sync()
+            t1 = time.perf_counter()
+            with torch.enable_grad():
+                torch.autograd.grad(run(x).float().pow(2).sum(), [x])
+            sync()
+            t2 = time.perf_counter()
+            ratios.append((t2 - t1) / (t1 - t0) - 1.0)
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench saved", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--time-repeats", type=int, default=0, help="also time backward against forward (N repeats)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,14 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     z = torch.randn(1, *subject.latent, generator=torch.Generator().manual_seed(1234)).to(subject.device)
     sigma = subject.denoiser.get_sigmas(50)[:1].to(subject.device)
 
-    def forward() -> Tensor:
-        x = (z * sigma).requires_grad_(True)
-        with torch.enable_grad():
-            return subject.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
+    def make_x() -> Tensor:
+        return (z * sigma).requires_grad_(True)
+
+    def run(x: Tensor) -> Tensor:  # one image: its cond and uncond rows in one call, as memsafe evaluates it
+        return subject.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
 
     unet = subject.denoiser.unet
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
-    b = saved_bytes(unet, forward)
+    with torch.enable_grad():
+        b = saved_bytes(unet, lambda: run(make_x()))
     print(f"bench saved: {args.model} {subject.latent} {args.dtype} on {args.device}, one image (2 rows); "
           f"weights {weights / MiB:.0f} MiB")
     print(f"  kept for backward, weights trainable: {b['trainable'] / MiB:9.1f} MiB")
@@ -148,6 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  frozen and checkpointed ({b['parts']} parts): {b['checkpointed'] / MiB:9.1f} MiB kept "
           f"({b['part_inputs'] / MiB:.1f} of them the parts' inputs), "
           f"+ {b['largest_part'] / MiB:.1f} MiB while the largest part is recomputed")
+    if args.time_repeats:
+        with torch.no_grad():
+            run(make_x())  # warm-up
+        ratios = backward_cost(unet, run, make_x, args.time_repeats)
+        print(f"  a backward pass costs {statistics.median(ratios):.2f} forward passes (median of "
+              f"{len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":
