@@ -1,6 +1,8 @@
 """The per-sample backward's memory (memsafe.checkpointing): frozen weights and activation checkpointing give the
 same results with fewer kept bytes."""
 
+import copy
+
 import pytest
 import torch
 
@@ -22,6 +24,15 @@ def kept_bytes(fn):
     return out, total
 
 
+def gradient_and_kept_bytes(guidance, z):
+    """d||guidance(z)|| / dz and the bytes autograd kept for it."""
+    x = z.clone().requires_grad_(True)
+    with torch.enable_grad():
+        out, kept = kept_bytes(lambda: guidance(x).norm())
+        (g,) = torch.autograd.grad(out, [x])
+    return g, kept
+
+
 def test_blocks_are_the_parts_of_the_unets_big_blocks(unet):
     blocks = checkpoint_blocks(unet)
     big = [*unet.down_blocks, *unet.up_blocks, unet.mid_block]  # registration order
@@ -36,17 +47,10 @@ def test_checkpointed_keeps_fewer_bytes_same_gradient_and_restores_forward(guida
     z, *_ = batch
     blocks = checkpoint_blocks(unet)
 
-    def gradient():
-        x = z.clone().requires_grad_(True)
-        with torch.enable_grad():
-            out, kept = kept_bytes(lambda: guidance(x).norm())
-            (g,) = torch.autograd.grad(out, [x])
-        return g, kept
-
-    plain_grad, plain_kept = gradient()
+    plain_grad, plain_kept = gradient_and_kept_bytes(guidance, z)
     with checkpointed(blocks):
         assert all("forward" in b.__dict__ for b in blocks)
-        ckpt_grad, ckpt_kept = gradient()
+        ckpt_grad, ckpt_kept = gradient_and_kept_bytes(guidance, z)
         with torch.no_grad():  # forward-only calls are not checkpointed and give the same numbers
             torch.testing.assert_close(guidance(z), guidance(z))
     assert all("forward" not in b.__dict__ for b in blocks)  # restored: the class's forward again
@@ -70,17 +74,10 @@ def test_frozen_parameters_keep_fewer_bytes_same_gradient_and_are_restored(guida
     assert all(p.requires_grad for p in params)  # as a host leaves them (A1111 never switches it off)
     params[0].requires_grad_(False)  # one frozen by someone else stays frozen
 
-    def gradient():
-        x = z.clone().requires_grad_(True)
-        with torch.enable_grad():
-            out, kept = kept_bytes(lambda: guidance(x).norm())
-            (g,) = torch.autograd.grad(out, [x])
-        return g, kept
-
-    trainable_grad, trainable_kept = gradient()
+    trainable_grad, trainable_kept = gradient_and_kept_bytes(guidance, z)
     with frozen_parameters(unet):
         assert not any(p.requires_grad for p in params)
-        frozen_grad, frozen_kept = gradient()
+        frozen_grad, frozen_kept = gradient_and_kept_bytes(guidance, z)
     assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
     torch.testing.assert_close(frozen_grad, trainable_grad, rtol=1e-5, atol=1e-7)
     assert frozen_kept < 0.9 * trainable_kept, (frozen_kept, trainable_kept)  # Linear inputs are not kept
@@ -92,26 +89,35 @@ def test_frozen_parameters_keep_fewer_bytes_same_gradient_and_are_restored(guida
         pass
 
 
-class WeightsSeen:
-    """A guidance that logs, at every autograd forward, whether any weight of ``unet`` required grad."""
+class GuidanceProbe:
+    """A guidance that runs ``probe(z)`` before every evaluation by ``inner``, also of its ``select``ed subsets."""
 
     def __init__(self, inner, unet, log):
         self.inner, self.unet, self.log = inner, unet, log
 
-    def _note(self, z):
-        if torch.is_grad_enabled() and z.requires_grad:
-            self.log.append(any(p.requires_grad for p in self.unet.parameters()))
+    def probe(self, z):
+        raise NotImplementedError
 
     def pair(self, z):
-        self._note(z)
+        self.probe(z)
         return self.inner.pair(z)
 
     def __call__(self, z):
-        self._note(z)
+        self.probe(z)
         return self.inner(z)
 
     def select(self, index):
-        return WeightsSeen(self.inner.select(index), self.unet, self.log)
+        subset = copy.copy(self)
+        subset.inner = self.inner.select(index)
+        return subset
+
+
+class WeightsSeen(GuidanceProbe):
+    """Logs, at every autograd forward, whether any weight of ``unet`` required grad."""
+
+    def probe(self, z):
+        if torch.is_grad_enabled() and z.requires_grad:
+            self.log.append(any(p.requires_grad for p in self.unet.parameters()))
 
 
 def test_per_sample_freezes_the_models_weights_while_it_adjusts(guidance, batch, unet):
@@ -154,30 +160,20 @@ def test_checkpointing_argument_is_checked(guidance, batch, unet):
         adjust_noise(z, guidance, cfg, model="unet")
 
 
-class OutOfMemoryAbove:
-    """A guidance whose autograd forward runs out of (pretend) CUDA memory for more than ``rows`` images unless
-    the UNet is checkpointed; logs (images, checkpointed) of every autograd forward that ran."""
+class OutOfMemoryAbove(GuidanceProbe):
+    """Its autograd forward runs out of (pretend) CUDA memory for more than ``rows`` images unless the UNet is
+    checkpointed; logs (images, checkpointed) of every autograd forward that ran."""
 
     def __init__(self, inner, unet, rows, log):
-        self.inner, self.unet, self.rows, self.log = inner, unet, rows, log
+        super().__init__(inner, unet, log)
+        self.rows = rows
 
-    def _check(self, z):
+    def probe(self, z):
         if torch.is_grad_enabled() and z.requires_grad:
             checkpointed_now = "forward" in checkpoint_blocks(self.unet)[0].__dict__
             if z.shape[0] > self.rows and not checkpointed_now:
                 raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
             self.log.append((z.shape[0], checkpointed_now))
-
-    def pair(self, z):
-        self._check(z)
-        return self.inner.pair(z)
-
-    def __call__(self, z):
-        self._check(z)
-        return self.inner(z)
-
-    def select(self, index):
-        return OutOfMemoryAbove(self.inner.select(index), self.unet, self.rows, self.log)
 
 
 def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance, batch, unet, caplog):
