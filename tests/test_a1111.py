@@ -379,6 +379,7 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
     import types
 
     import memsafe.checkpointing as ckpt
+    import memsafe.methods as methods
 
     recomputed = []
     original = ckpt.checkpoint
@@ -392,10 +393,14 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
         assert bool(recomputed) == (mode == "always"), mode
         assert all("forward" not in b.__dict__ for b in ckpt.checkpoint_blocks(unet))
     torch.testing.assert_close(images["always"].images, images["never"].images, rtol=1e-4, atol=1e-4)
-    # --lowvram: per-block device hooks would not run on recompute, so the UNet is not handed over
+    # --lowvram: per-block device hooks would not run on recompute, so nothing is checkpointed (the weights are
+    # still frozen while adjusting: that needs no hook)
     host.shared.opts.memsafe_checkpointing = "always"
     host.shared.cmd_opts = types.SimpleNamespace(lowvram=True)
     recomputed.clear()
+    frozen_seen = []
+    original_frozen = ckpt.frozen_parameters
+    monkeypatch.setattr(methods, "frozen_parameters", lambda m: frozen_seen.append(m) or original_frozen(m))
     _, lowvram = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
-    assert not recomputed and a1111.unet_of(sd_model) is None
+    assert not recomputed and a1111.checkpointing_setting() == "never" and frozen_seen == [unet]
     torch.testing.assert_close(lowvram.images, images["never"].images, rtol=1e-4, atol=1e-4)

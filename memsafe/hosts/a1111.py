@@ -60,19 +60,20 @@ def fail_policy() -> str:
 
 
 def checkpointing_setting() -> str:
-    """Settings > MemSafe > activation checkpointing: one of methods.CHECKPOINTING (unknown values: on_oom)."""
+    """Settings > MemSafe > activation checkpointing: one of methods.CHECKPOINTING (unknown values: on_oom);
+    ``never`` under ``--lowvram``, whose per-block device hooks would not run when a block is recomputed."""
+    from modules import shared
+
+    if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
+        return "never"
     value = _opt("memsafe_checkpointing", "on_oom")
     return value if value in methods.CHECKPOINTING else "on_oom"
 
 
 def unet_of(sd_model: Any) -> torch.nn.Module | None:
-    """The UNet the guidance runs, for activation checkpointing: A1111's ``sd_model.model.diffusion_model``
-    (ldm DiffusionWrapper), Forge's ``forge_objects.unet.model.diffusion_model``. None where it cannot be found or
-    under ``--lowvram``, whose per-block device hooks would not run when a block is recomputed."""
-    from modules import shared
-
-    if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
-        return None
+    """The UNet the guidance runs (its weights are frozen while per-sample adjusts, and it may be checkpointed):
+    A1111's ``sd_model.model.diffusion_model`` (ldm DiffusionWrapper), Forge's
+    ``forge_objects.unet.model.diffusion_model``; None where it cannot be found."""
     candidates = (
         getattr(getattr(sd_model, "model", None), "diffusion_model", None),
         getattr(getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None), "model", None),
@@ -521,7 +522,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         index = torch.tensor(misses)
         sub = bg.guidance if len(misses) == batch else bg.guidance.select(index)
         unet = unet_of(p.sd_model)
-        mode = checkpointing_setting() if unet is not None else "on_oom"
+        mode = checkpointing_setting() if unet is not None else "on_oom"  # on_oom without a model: halving only
         result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
                                       should_stop=should_stop, measure_after=False, model=unet,
                                       checkpointing=mode)
