@@ -268,6 +268,17 @@ def guidance_from_denoiser(
     return Guidance(eps_fn, cond, uncond, cond_image=cond_image, cond_weight=cond_weight, batched=batched)
 
 
+def same_values(a: object, b: object) -> bool:
+    """Whether two conditionings hold the same values (tensors compared exactly)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a)))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
 @dataclass
 class DenoiserCall:
     """The last forward-only call of a denoiser by a guidance: a sampler's first step at the same ``x`` and
@@ -277,6 +288,12 @@ class DenoiserCall:
     sigma: Tensor
     kwargs: Conditioning
     denoised: Tensor
+
+    def matches(self, x: Tensor, sigma: Tensor, kwargs: Conditioning) -> bool:
+        """Whether ``denoiser(x, sigma, **kwargs)`` is this call again: the same inputs, compared exactly."""
+        return (self.x.shape == x.shape and bool(torch.equal(self.x, x))
+                and self.sigma.shape == sigma.shape and bool(torch.equal(self.sigma.to(sigma), sigma))
+                and same_values(self.kwargs, kwargs))
 
 
 class _DenoiserEps:

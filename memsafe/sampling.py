@@ -5,24 +5,13 @@ this wrapper serves library users, the lab and the tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .guidance import Conditioning, Guidance, concat_rows
 from .methods import uncond_only
-
-
-def _same_rows(a: object, b: object) -> bool:
-    """Whether two conditionings hold the same values (tensors compared exactly)."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b.to(a)))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same_rows(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_rows(x, y) for x, y in zip(a, b))
-    return a is b or a == b
 
 
 class CFGDenoiser:
@@ -63,9 +52,7 @@ class CFGDenoiser:
         """The guidance's last model output if it was computed for exactly this call (auto mode's risk
         evaluation is the first sampling step's CFG call when the noise was left unchanged)."""
         last = self.reuse.last_call if self.reuse is not None else None
-        if last is None or last.x.shape != x_in.shape or not torch.equal(last.x, x_in):
-            return None
-        if not torch.equal(last.sigma.to(sigma_in), sigma_in) or not _same_rows(last.kwargs, self.both):
+        if last is None or self.both is None or not last.matches(x_in, sigma_in, self.both):
             return None
         self.reuse = None  # once: the sampler's first step
         return last.denoised

@@ -177,9 +177,14 @@ class StandInCFGDenoiser(nn.Module):
     ``self.step``, x repeated per AND part, the cfg_denoiser callback (with ``denoiser=self``), one batched model
     call, the cfg_denoised callback on ``x_out``, then the combine of L81-89."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, model_wrap):
         super().__init__()
         self.sampler, self.step, self.p = sampler, 0, None
+        self.model_wrap = model_wrap  # the model it calls, through ``inner_model`` (kdiffusion.py L52-64)
+
+    @property
+    def inner_model(self):
+        return self.model_wrap
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
         cb = sys.modules["modules.script_callbacks"]
@@ -200,8 +205,8 @@ class StandInCFGDenoiser(nn.Module):
             cond = {**cond_in, "c_concat": [params.image_cond]}
         else:
             cond = {"c_crossattn": [torch.cat([params.text_cond, params.text_uncond])], "c_concat": [params.image_cond]}
-        x_out = self.sampler.model_wrap(params.x, params.sigma, cond=cond)
-        cb.cfg_denoised_callback(CFGDenoisedParams(x_out, 0, 0, self.sampler.model_wrap))
+        x_out = self.inner_model(params.x, params.sigma, cond=cond)  # L249
+        cb.cfg_denoised_callback(CFGDenoisedParams(x_out, 0, 0, self.inner_model))
         denoised_uncond = x_out[-uncond.shape[0]:]
         denoised = denoised_uncond.clone()
         for i, conds in enumerate(conds_list):
@@ -221,8 +226,8 @@ class StandInKDiffusionSampler:
 
     def __init__(self, funcname, sd_model, sgm=False):
         self.func = getattr(K.sampling, funcname)
-        self.model_wrap = K.external.CompVisDenoiser(sd_model)
-        self.model_wrap_cfg = StandInCFGDenoiser(self)
+        self.model_wrap_cfg = StandInCFGDenoiser(self, K.external.CompVisDenoiser(sd_model))
+        self.model_wrap = self.model_wrap_cfg.inner_model  # L76-77: the same object
         self.sgm = sgm
         self.started_from = None
 
@@ -257,8 +262,8 @@ class StandInDDIMSampler:
     (eta 0): timesteps = range(0, 1000, 1000 // steps) + 1, visited from the last."""
 
     def __init__(self, sd_model):
-        self.model_wrap = StandInTimestepsDenoiser(sd_model)
-        self.model_wrap_cfg = StandInCFGDenoiser(self)
+        self.model_wrap_cfg = StandInCFGDenoiser(self, StandInTimestepsDenoiser(sd_model))
+        self.model_wrap = self.model_wrap_cfg.inner_model
         self.started_from = None
 
     def get_timesteps(self, p, steps):  # L92-101

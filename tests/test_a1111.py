@@ -313,6 +313,60 @@ def test_auto_leaves_low_risk_images_alone(host, sd_model, script):
                                first_pass_noise(p))
 
 
+def test_auto_not_at_risk_costs_no_extra_model_call(host, sd_model, script):
+    host.shared.opts.memsafe_cache_size = 0
+    before = sd_model.calls
+    _, off = run(sd_model, script, [], batch_size=2, seed=50, prompt="a cat AND a hat :0.5")
+    calls_off = sd_model.calls - before
+    before = sd_model.calls
+    p, auto = run(sd_model, script, on("auto", risk_threshold=1e5), batch_size=2, n_iter=2, seed=50,
+                  prompt="a cat AND a hat :0.5")
+    assert all("MemSafe result: none" in t for t in auto.infotexts)
+    # each batch's risk evaluation was its sampler's first model call: the same UNet calls as without MemSafe
+    assert sd_model.calls - before == 2 * calls_off
+    assert torch.equal(torch.stack(auto.images[:2]), torch.stack(off.images))  # bit-identical, not just close
+    wrappers = [s.model_wrap_cfg.model_wrap for s in p.samplers]
+    assert all(isinstance(w, webui.K.external.CompVisDenoiser) for w in wrappers)  # the model is back
+    assert callbacks(host) == []
+
+
+def test_reuse_stand_in_runs_the_model_for_any_other_call_and_puts_it_back(sd_model):
+    from memsafe.guidance import DenoiserCall
+
+    class Owner(torch.nn.Module):
+        def __init__(self, model_wrap):
+            super().__init__()
+            self.model_wrap = model_wrap
+
+    calls = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x, sigma, cond):
+            calls.append(x)
+            return x * 2
+
+    model = Model()
+    owner = Owner(model)
+    x, sigma, cond = torch.ones(2, 4, 1, 1), torch.ones(2), {"c_crossattn": [torch.zeros(2, 3)]}
+    recorded = DenoiserCall(x, sigma, {"cond": cond}, torch.full_like(x, 7.0))
+    reused = []
+    stand_in = a1111.ReuseFirstCall(owner, recorded, lambda: reused.append(1))
+    assert owner.model_wrap is stand_in
+    out = owner.model_wrap(x + 1, sigma, cond=cond)  # another x: the model runs
+    assert torch.equal(out, (x + 1) * 2) and len(calls) == 1 and not reused and owner.model_wrap is model
+    stand_in = a1111.ReuseFirstCall(owner, recorded, lambda: reused.append(1))
+    other = {"c_crossattn": [torch.ones(2, 3)]}
+    out = owner.model_wrap(x, sigma, cond=other)  # other conditioning: the model runs
+    assert len(calls) == 2 and not reused and owner.model_wrap is model
+    stand_in = a1111.ReuseFirstCall(owner, recorded, lambda: reused.append(1))
+    out = owner.model_wrap(x, sigma, cond=cond)  # the same call: its recorded output, once
+    assert torch.equal(out, recorded.denoised) and out is not recorded.denoised and reused == [1]
+    assert len(calls) == 2 and owner.model_wrap is model
+    stand_in = a1111.ReuseFirstCall(owner, recorded, lambda: reused.append(1))
+    stand_in.restore()  # never called (an interrupt): the job's end puts the model back
+    assert owner.model_wrap is model
+
+
 def test_and_prompts_and_separate_cond_uncond_calls(host, sd_model, script):
     host.shared.opts.batch_cond_uncond = False
     p, processed = run(sd_model, script, on("per_sample"), batch_size=2, prompt="a red circle AND a hat :0.5")

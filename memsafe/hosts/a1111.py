@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import methods
 from ..config import MitigationConfig
 from ..errors import ConfigError, Interrupted, NotApplicableError
-from ..guidance import Guidance, guidance_from_denoiser, guidance_from_eps_model, select_rows
+from ..guidance import DenoiserCall, Guidance, guidance_from_denoiser, guidance_from_eps_model, select_rows
 from .webui_args import FIELD_ORDER, ScriptRequest, parse_script_args
 
 log = logging.getLogger("memsafe")
@@ -211,6 +211,8 @@ class SamplingContext:
     k_diffusion: bool
     first_level: float
     measure: list[int] = field(default_factory=list)  # global image indexes whose risk_after comes from step 0
+    reuse: DenoiserCall | None = None  # the risk evaluation, if the first step may be exactly that call again
+    stand_in: ReuseFirstCall | None = None  # in the CFG denoiser's model_wrap until its first call
     seen_first: bool = False
     early: bool = False
     first: bool = False
@@ -228,6 +230,7 @@ class Job:
         self.error: str | None = None
         self.skipped_reason: str | None = None  # fail policy "continue": why nothing was applied
         self.sampling: SamplingContext | None = None
+        self.reused_calls = 0  # first sampling steps that took the risk evaluation instead of a model call
         self._callbacks: list[Callable[..., None]] = []
 
     # infotext values (create_infotext calls them with its locals: p, index, ...; processing.py L801-808)
@@ -276,6 +279,10 @@ class Job:
         level = float(params.sigma[0])
         ctx.first = ours and not ctx.seen_first
         ctx.seen_first = ctx.seen_first or ours
+        if ctx.first and ctx.reuse is not None and isinstance(getattr(denoiser, "model_wrap", None),
+                                                              torch.nn.Module):
+            ctx.stand_in = ReuseFirstCall(denoiser, ctx.reuse, self._count_reuse)
+            ctx.reuse = None
         ctx.early = bool(ours and methods.uncond_only(level, ctx.schedule, ctx.uncond_steps))
 
     def _on_cfg_denoised(self, params: Any) -> None:
@@ -305,9 +312,48 @@ class Job:
                     for row, _ in ctx.rows[i]:
                         x_out[row] = uncond_rows[i]
 
+    def _count_reuse(self) -> None:
+        self.reused_calls += 1
+        log.debug("memsafe: the first sampling step took the risk evaluation's output (one model call saved)")
+
+    def set_sampling(self, ctx: SamplingContext | None) -> None:
+        """The next batch's sampling context; the last one's stand-in model (if its sampler never called it,
+        e.g. after an interrupt) is taken out first."""
+        if self.sampling is not None and self.sampling.stand_in is not None:
+            self.sampling.stand_in.restore()
+        self.sampling = ctx
+
     def finish(self) -> None:
         self.remove_callbacks()
-        self.sampling = None
+        self.set_sampling(None)
+
+
+class ReuseFirstCall(torch.nn.Module):
+    """Takes the place of a CFG denoiser's ``model_wrap`` (what its ``inner_model`` returns, kdiffusion.py L52-64)
+    for ONE call. A1111 has no hook that hands the sampler a precomputed model output, so this is how auto mode's
+    risk evaluation, made at exactly the noise, sigma and conditioning of the sampler's first step when the
+    noise is left unchanged, saves that step's model call: if the call's inputs equal the recorded call's
+    (compared exactly), it returns a copy of its output (bit-identical: the same UNet call); otherwise it runs
+    the model. Either way it puts the model back first."""
+
+    def __init__(self, owner: Any, call: DenoiserCall, on_reuse: Callable[[], None]) -> None:
+        super().__init__()
+        self.model = owner.model_wrap
+        object.__setattr__(self, "_owner", owner)  # plain attributes: the owner holds this module, not vice versa
+        object.__setattr__(self, "_call", call)
+        object.__setattr__(self, "_on_reuse", on_reuse)
+        owner.model_wrap = self
+
+    def restore(self) -> None:
+        if getattr(self._owner, "model_wrap", None) is self:
+            self._owner.model_wrap = self.model
+
+    def forward(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+        self.restore()
+        if self._call.matches(x, sigma, kwargs):
+            self._on_reuse()
+            return self._call.denoised.clone()  # the sampler edits x_out in place (cfg_denoised callbacks)
+        return self.model(x, sigma, **kwargs)
 
 
 # -- reading the job's request from p ------------------------------------------------------------------------
@@ -542,14 +588,16 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         uncond_images[i] = record.applied == "batch_wise" and job.config.uncond_steps > 0
         if math.isnan(record.risk_after) and i not in measure_from_sampler:
             measure_from_sampler.append(i)
-    if bool(uncond_images.any()) or measure_from_sampler:
-        job.sampling = SamplingContext(
+    # auto mode left the noise as it was: its risk evaluation is the sampler's first model call
+    reuse = bg.guidance.last_call if bg.k_diffusion and not is_forge() and torch.equal(z_new, x) else None
+    if bool(uncond_images.any()) or measure_from_sampler or reuse is not None:
+        job.set_sampling(SamplingContext(
             denoiser=p.sampler.model_wrap_cfg, schedule=bg.schedule, uncond_steps=job.config.uncond_steps,
             uncond_images=uncond_images, rows=bg.rows, k_diffusion=bg.k_diffusion, first_level=bg.first_level,
-            measure=[offset + i if i in measure_from_sampler else -1 for i in range(batch)])
+            measure=[offset + i if i in measure_from_sampler else -1 for i in range(batch)], reuse=reuse))
         job.install_callbacks()
     else:
-        job.sampling = None
+        job.set_sampling(None)
     return z_new
 
 
