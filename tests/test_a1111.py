@@ -341,6 +341,8 @@ def test_reuse_stand_in_runs_the_model_for_any_other_call_and_puts_it_back(sd_mo
     calls = []
 
     class Model(torch.nn.Module):
+        tag = "the model's own attribute"
+
         def forward(self, x, sigma, cond):
             calls.append(x)
             return x * 2
@@ -351,7 +353,7 @@ def test_reuse_stand_in_runs_the_model_for_any_other_call_and_puts_it_back(sd_mo
     recorded = DenoiserCall(x, sigma, {"cond": cond}, torch.full_like(x, 7.0))
     reused = []
     stand_in = a1111.ReuseFirstCall(owner, recorded, lambda: reused.append(1))
-    assert owner.model_wrap is stand_in
+    assert owner.model_wrap is stand_in and stand_in.tag == Model.tag  # reads pass through to the model
     out = owner.model_wrap(x + 1, sigma, cond=cond)  # another x: the model runs
     assert torch.equal(out, (x + 1) * 2) and len(calls) == 1 and not reused and owner.model_wrap is model
     stand_in = a1111.ReuseFirstCall(owner, recorded, lambda: reused.append(1))

@@ -344,6 +344,16 @@ class ReuseFirstCall(torch.nn.Module):
         object.__setattr__(self, "_on_reuse", on_reuse)
         owner.model_wrap = self
 
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the model's (another extension's callback may read ``inner_model.<attr>``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
     def restore(self) -> None:
         if getattr(self._owner, "model_wrap", None) is self:
             self._owner.model_wrap = self.model
