@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from memsafe.checkpointing import checkpoint_blocks, frozen_parameters
+from memsafe.guidance import tensors_in
 
 from .models import build
 
@@ -62,16 +63,6 @@ class _SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
-def _tensors_in(values: object) -> list[Tensor]:
-    if isinstance(values, Tensor):
-        return [values]
-    if isinstance(values, (list, tuple)):
-        return [t for v in values for t in _tensors_in(v)]
-    if isinstance(values, dict):
-        return [t for v in values.values() for t in _tensors_in(v)]
-    return []
-
-
 def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int]:
     """The breakdown (bytes) for one forward ``forward()`` of ``unet`` under autograd."""
     unet.requires_grad_(True)
@@ -91,7 +82,7 @@ def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int
         running: list[_SavedBytes] = []
 
         def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            for t in _tensors_in((args, kwargs)):
+            for t in tensors_in((args, kwargs)):
                 inputs.add(t)
             own.append(_SavedBytes(unet))
             running.append(own[-1])

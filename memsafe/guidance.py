@@ -41,7 +41,8 @@ def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return obj
 
 
-def _tensors(obj: Any) -> list[Tensor]:
+def tensors_in(obj: Any) -> list[Tensor]:
+    """Every tensor in ``obj`` (nested mappings, lists and tuples), in order."""
     found: list[Tensor] = []
     _map_tensors(obj, lambda t: found.append(t) or t)
     return found
@@ -57,7 +58,7 @@ def num_rows(cond: Any) -> int | None:
 
     Raises InputError if the tensors disagree.
     """
-    sizes = {t.shape[0] for t in _tensors(cond) if t.dim() > 0}
+    sizes = {t.shape[0] for t in tensors_in(cond) if t.dim() > 0}
     if len(sizes) > 1:
         raise InputError(f"memsafe: conditioning tensors have different numbers of rows: {sorted(sizes)}")
     return sizes.pop() if sizes else None

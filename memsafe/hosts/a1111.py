@@ -230,7 +230,6 @@ class Job:
         self.error: str | None = None
         self.skipped_reason: str | None = None  # fail policy "continue": why nothing was applied
         self.sampling: SamplingContext | None = None
-        self.reused_calls = 0  # first sampling steps that took the risk evaluation instead of a model call
         self._callbacks: list[Callable[..., None]] = []
 
     # infotext values (create_infotext calls them with its locals: p, index, ...; processing.py L801-808)
@@ -281,7 +280,7 @@ class Job:
         ctx.seen_first = ctx.seen_first or ours
         if ctx.first and ctx.reuse is not None and isinstance(getattr(denoiser, "model_wrap", None),
                                                               torch.nn.Module):
-            ctx.stand_in = ReuseFirstCall(denoiser, ctx.reuse, self._count_reuse)
+            ctx.stand_in = ReuseFirstCall(denoiser, ctx.reuse)
             ctx.reuse = None
         ctx.early = bool(ours and methods.uncond_only(level, ctx.schedule, ctx.uncond_steps))
 
@@ -312,10 +311,6 @@ class Job:
                     for row, _ in ctx.rows[i]:
                         x_out[row] = uncond_rows[i]
 
-    def _count_reuse(self) -> None:
-        self.reused_calls += 1
-        log.debug("memsafe: the first sampling step took the risk evaluation's output (one model call saved)")
-
     def set_sampling(self, ctx: SamplingContext | None) -> None:
         """The next batch's sampling context; the last one's stand-in model (if its sampler never called it,
         e.g. after an interrupt) is taken out first."""
@@ -336,12 +331,11 @@ class ReuseFirstCall(torch.nn.Module):
     (compared exactly), it returns a copy of its output (bit-identical: the same UNet call); otherwise it runs
     the model. Either way it puts the model back first."""
 
-    def __init__(self, owner: Any, call: DenoiserCall, on_reuse: Callable[[], None]) -> None:
+    def __init__(self, owner: Any, call: DenoiserCall) -> None:
         super().__init__()
         self.model = owner.model_wrap
         object.__setattr__(self, "_owner", owner)  # plain attributes: the owner holds this module, not vice versa
         object.__setattr__(self, "_call", call)
-        object.__setattr__(self, "_on_reuse", on_reuse)
         owner.model_wrap = self
 
     def __getattr__(self, name: str) -> Any:
@@ -361,7 +355,7 @@ class ReuseFirstCall(torch.nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         self.restore()
         if self._call.matches(x, sigma, kwargs):
-            self._on_reuse()
+            log.debug("memsafe: the first sampling step took the risk evaluation's output (one model call saved)")
             return self._call.denoised.clone()  # the sampler edits x_out in place (cfg_denoised callbacks)
         return self.model(x, sigma, **kwargs)
 
