@@ -9,7 +9,7 @@ a fresh child process per method, since RSS never shrinks within a process) and 
     python -m bench perf --model sd15 --device cuda --dtype float16       # GPU, 4x64x64
     python -m bench perf --model lab                                       # the lab model + replication/alignment
 
-Rows go to bench/results/perf.json (merged by model, device, method) and bench/results/perf.md.
+Rows go to bench/results/perf.json (merged by model, device, method, batch) and bench/results/perf.md.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str)
     rows = json.loads(path.read_text()) if path.exists() else []
     model = _model_label(args)
     for method, peak in peaks.items():
-        row = next((r for r in rows if (r["model"], r["device"], r["method"]) == (model, args.device, method)), None)
+        row = next((r for r in rows if _row_key(r) == (model, args.device, method, args.batch)), None)
         if row is None:  # no timed run at this size (too slow here): a memory-only row
             row = {"model": model, "device": args.device, "method": method, "dtype": args.dtype,
                    "batch": args.batch, "time_ratio": float("nan"), "evaluations_per_image": float("nan"),
@@ -269,22 +269,27 @@ def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
                                            f"{r['images']} images, DDIM 50 steps, CFG 7")
 
 
+def _row_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
+    """What a row measures: a new row replaces the one with the same model, device, method and batch."""
+    return row["model"], row["device"], row["method"], row["batch"]
+
+
 def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
-    """Merge ``rows`` into ``out``/perf.json (a new row replaces the one of the same model, device and method)
-    and rewrite ``out``/perf.md from all rows."""
+    """Merge ``rows`` into ``out``/perf.json (a new row replaces the one of the same model, device, method and
+    batch) and rewrite ``out``/perf.md from all rows."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "perf.json"
     existing = json.loads(path.read_text()) if path.exists() else []
-    keys = {(r["model"], r["device"], r["method"]) for r in rows}
-    merged = [r for r in existing if (r["model"], r["device"], r["method"]) not in keys] + rows
+    keys = {_row_key(r) for r in rows}
+    merged = [r for r in existing if _row_key(r) not in keys] + rows
     attach_lab_efficacy(merged)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     lines = ["# Cost of the methods against plain generation", "",
              "Written by `python -m bench perf` (see bench/perf.py); ratios are measured side by side in one run.",
-             "", "| model | device | method | time ratio | peak memory ratio | evaluations / image | "
-             "replication | alignment | command |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| model | device | batch | method | time ratio | peak memory ratio | evaluations / image | "
+             "replication | alignment | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
-        lines.append(f"| {r['model']} | {r['device']} | {r['method']} | {r['time_ratio']:.3f} | "
+        lines.append(f"| {r['model']} | {r['device']} | {r['batch']} | {r['method']} | {r['time_ratio']:.3f} | "
                      f"{r['peak_memory_ratio']:.3f} | {r['evaluations_per_image']:.1f} | "
                      f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{r['command']}` |")
     (out / "perf.md").write_text("\n".join(lines) + "\n")
