@@ -459,3 +459,26 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
     _, lowvram = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
     assert not recomputed and a1111.checkpointing_setting() == "never" and frozen_seen == [unet]
     torch.testing.assert_close(lowvram.images, images["never"].images, rtol=1e-4, atol=1e-4)
+
+
+def test_images_per_call_setting_caps_the_per_sample_model_calls(host, sd_model, script, monkeypatch):
+    rows_with_grad = []
+    apply_model = sd_model.apply_model
+
+    def recording(x, t, cond):
+        if torch.is_grad_enabled() and x.requires_grad:
+            rows_with_grad.append(x.shape[0])
+        return apply_model(x, t, cond)
+
+    monkeypatch.setattr(sd_model, "apply_model", recording)
+    host.shared.opts.memsafe_cache_size = 0
+    images = {}
+    for setting in (0, 1, "not a number"):
+        host.shared.opts.memsafe_images_per_call = setting
+        rows_with_grad.clear()
+        _, images[setting] = run(sd_model, script, on("per_sample"), batch_size=2, seed=45)
+        # cond + uncond rows of every image in the call: 4 for the whole batch of 2, 2 for one image
+        assert rows_with_grad and max(rows_with_grad) == (2 if setting == 1 else 4), setting
+    # the same images up to batch round-off (as a seed alone against inside a batch)
+    torch.testing.assert_close(images[1].images, images[0].images, rtol=1e-3, atol=1e-3)
+    assert a1111.images_per_call() is None  # an invalid value: the whole batch

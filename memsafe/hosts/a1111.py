@@ -70,6 +70,16 @@ def checkpointing_setting() -> str:
     return value if value in methods.CHECKPOINTING else "on_oom"
 
 
+def images_per_call() -> int | None:
+    """Settings > MemSafe > images per UNet call for per-sample's model calls: None (0 or an invalid value: the
+    whole batch) or a positive count."""
+    try:
+        value = int(_opt("memsafe_images_per_call", 0))
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
 def unet_of(sd_model: Any) -> torch.nn.Module | None:
     """The UNet the guidance runs (its weights are frozen while per-sample adjusts, and it may be checkpointed):
     A1111's ``sd_model.model.diffusion_model`` (ldm DiffusionWrapper), Forge's
@@ -575,7 +585,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         mode = checkpointing_setting() if unet is not None else "on_oom"  # on_oom without a model: halving only
         result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
                                       should_stop=should_stop, measure_after=False, model=unet,
-                                      checkpointing=mode)
+                                      checkpointing=mode, max_batch=images_per_call())
         scaled = result.scaled
         for j, i in enumerate(misses):
             applied = result.applied[j]

@@ -44,6 +44,11 @@ def on_ui_settings() -> None:
         {"choices": ["on_oom", "always", "never"]}, section=SECTION).info(
         "on_oom: only after a CUDA out-of-memory error; always: lowest VRAM, about one more UNet pass per "
         "iteration; same images either way; not used with --lowvram"))
+    add("memsafe_images_per_call", shared.OptionInfo(
+        0, "Per-sample: images per UNet call (0 = the whole batch)", gr.Slider,
+        {"minimum": 0, "maximum": 16, "step": 1}, section=SECTION).info(
+        "1 with checkpointing 'always': the least VRAM (one image's backward pass at a time, whatever the batch); "
+        "same images; on a CUDA out-of-memory error the batch is split by itself anyway"))
     add("memsafe_ops_backend", shared.OptionInfo(
         "auto", "Fused-ops backend", gr.Radio, {"choices": ["auto", "cuda", "cpp", "reference"]}, section=SECTION,
         onchange=apply_ops_backend).info("auto: CUDA or C++ if it builds, else the PyTorch reference (same numbers)"))
