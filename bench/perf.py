@@ -32,7 +32,7 @@ from torch import Tensor
 import memsafe
 from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
 
-from .models import Subject, build, sample_euler
+from .models import CONFIGS, Subject, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # per_sample* variants: <gradient/step>[_checkpointed][_one]; _checkpointed recomputes UNet activations in the
@@ -297,7 +297,8 @@ def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
 
 def _model_label(args: argparse.Namespace) -> str:
     """The row's model name: the model, with the latent side when it is not the native one (sd15@8)."""
-    return args.model if args.latent is None else f"{args.model}@{args.latent}"
+    native = CONFIGS[args.model][0]["sample_size"] if args.model in CONFIGS else None
+    return args.model if args.latent in (None, native) else f"{args.model}@{args.latent}"
 
 
 def _command(argv: list[str] | None) -> str:
