@@ -95,6 +95,7 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
                            max_batch=1 if method.endswith("_one") else None)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
+        reuse = g  # the last check, where every image stopped in one call, is the first sampling step
     elif method in ("auto_safe", "auto_safe_no_reuse"):
         res = adjust_noise(z, g, config.replace(method="auto", risk_threshold=1e6))  # not at risk: nothing moves
         z, forward = res.z, res.evaluations.forward

@@ -119,6 +119,7 @@ class Guidance:
         cond_weight: Tensor | None = None,
         batched: bool = True,
         calls: ModelCalls | None = None,
+        _latest: tuple[LatestRows, Tensor] | None = None,
     ) -> None:
         for name, c in (("cond", cond), ("uncond", uncond)):
             if not isinstance(c, Mapping):
@@ -161,6 +162,10 @@ class Guidance:
         self._batched = batched
         self.calls = calls if calls is not None else ModelCalls()
         self.batch_size = batch
+        # where this guidance's model rows (cond rows, then uncond rows, as ``pair`` calls the model) sit in the
+        # record of every row's latest evaluation, shared with the guidance it was selected from
+        self._latest, self._model_rows = _latest if _latest is not None else (
+            LatestRows(rows + batch), torch.arange(rows + batch))
 
     # -- evaluation --
     def _eps(self, z_rows: Tensor, kwargs: Conditioning) -> Tensor:
@@ -185,6 +190,9 @@ class Guidance:
         both = concat_rows(self._cond, self._uncond) if self._batched else None
         if both is not None:
             eps = self._eps(torch.cat([z_cond, z]), both)
+            last = getattr(self._eps_fn, "last", None)
+            if isinstance(last, DenoiserCall):
+                self._latest.put(self._model_rows, last)
             eps_c, eps_u = eps[: z_cond.shape[0]], eps[z_cond.shape[0] :]
         else:
             eps_c = self._eps(z_cond, self._cond)
@@ -203,8 +211,32 @@ class Guidance:
 
     @property
     def last_call(self) -> DenoiserCall | None:
-        """The last forward-only model call (denoiser-based guidance only), else None."""
-        return getattr(self._eps_fn, "last", None)
+        """One batched denoiser call (cond rows, then uncond rows, as :meth:`pair` makes it) that evaluates every
+        image at the inputs of its latest evaluation, with those evaluations' outputs: a sampler whose first step
+        makes exactly this call may take ``denoised`` instead of calling the model (CFGDenoiser's ``reuse``, the
+        WebUI's stand-in) and get the same bits: auto mode's risk evaluation, or the per-sample method's last check
+        when every image stopped in the same iteration (always so for one image). Rows may come from different
+        calls of this call's layout (a row's output does not depend on the other rows' values), run with or
+        without autograd (the same kernels; tests/test_sampling.py compares the images bit for bit). None unless
+        the guidance is denoiser-based and batched and every row's latest evaluation sat at its place in a call
+        of this layout's size."""
+        both = concat_rows(self._cond, self._uncond) if self._batched else None
+        rows = self._latest.get(self._model_rows) if both is not None else None
+        if rows is None:
+            return None
+        x, sigma, denoised = rows
+        return DenoiserCall(x, sigma, both, denoised)
+
+    def call_at(self, z: Tensor) -> DenoiserCall | None:
+        """:attr:`last_call` if it evaluated every image at exactly ``z`` (the noise a sampler will start from;
+        compared exactly), else None."""
+        call = self.last_call
+        model_input = getattr(self._eps_fn, "model_input", None)
+        if call is None or model_input is None or z.dim() < 1 or z.shape[0] != self.batch_size:
+            return None
+        z_cond = z if self._identity else z.index_select(0, self._cond_image.to(z.device))
+        x = model_input(torch.cat([z_cond, z]))
+        return call if x.shape == call.x.shape and x.dtype == call.x.dtype and bool(torch.equal(x, call.x)) else None
 
     def select(self, index: Tensor) -> Guidance:
         """The same guidance restricted to images ``index`` (in that order); shares the call counter."""
@@ -220,6 +252,8 @@ class Guidance:
             cond_weight=None if self._identity else self._cond_weight[rows],
             batched=self._batched,
             calls=self.calls,
+            _latest=(self._latest, torch.cat([self._model_rows[rows],
+                                              self._model_rows[self._cond_image.numel() + index]])),
         )
 
 
@@ -282,8 +316,8 @@ def same_values(a: object, b: object) -> bool:
 
 @dataclass
 class DenoiserCall:
-    """The last forward-only call of a denoiser by a guidance: a sampler's first step at the same ``x`` and
-    ``sigma`` with the same conditioning would compute exactly ``denoised`` again (see CFGDenoiser's ``reuse``)."""
+    """A call of a denoiser by a guidance: a sampler's first step at the same ``x`` and ``sigma`` with the same
+    conditioning would compute exactly ``denoised`` again (see CFGDenoiser's ``reuse``)."""
 
     x: Tensor
     sigma: Tensor
@@ -297,21 +331,68 @@ class DenoiserCall:
                 and same_values(self.kwargs, kwargs))
 
 
+class LatestRows:
+    """Every model row's latest evaluation (the denoiser's input, sigma and output; how many rows its call had and
+    where in it the row sat), by row of a guidance's full layout (cond rows, then uncond rows). Shared by a
+    guidance and its selections; a few latents in size."""
+
+    def __init__(self, rows: int) -> None:
+        self.call_rows = torch.zeros(rows, dtype=torch.long)  # 0: never evaluated
+        self.call_position = torch.zeros(rows, dtype=torch.long)
+        self.x: Tensor | None = None
+        self.sigma: Tensor | None = None
+        self.denoised: Tensor | None = None
+
+    def put(self, where: Tensor, call: DenoiserCall) -> None:
+        """Rows ``where`` are the rows of ``call`` (in order); copies, so later in-place edits cannot reach them."""
+        x, denoised = call.x.detach(), call.denoised.detach()
+        if (self.x is None or self.denoised is None or self.x.shape[1:] != x.shape[1:] or self.x.dtype != x.dtype
+                or self.x.device != x.device or self.denoised.dtype != denoised.dtype):
+            size = self.call_rows.numel()
+            self.x = x.new_zeros((size, *x.shape[1:]))
+            self.sigma = call.sigma.new_zeros(size)
+            self.denoised = denoised.new_zeros((size, *denoised.shape[1:]))
+            self.call_rows.zero_()
+        assert self.sigma is not None
+        at = where.to(x.device)
+        self.x.index_copy_(0, at, x)
+        self.sigma.index_copy_(0, at, call.sigma.detach().to(self.sigma))
+        self.denoised.index_copy_(0, at, denoised)
+        self.call_rows[where] = x.shape[0]
+        self.call_position[where] = torch.arange(where.numel())
+
+    def get(self, where: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(x, sigma, denoised) of rows ``where``, or None unless each of them was last evaluated in a call of
+        ``len(where)`` rows at its place in ``where``: the outputs must be the bits one call of ``where`` gives,
+        and a kernel may round another batch size differently (CPU: 2e-5 apart). What the other rows held does
+        not matter."""
+        n = where.numel()
+        if (self.x is None or self.sigma is None or self.denoised is None
+                or not bool((self.call_rows[where] == n).all())
+                or not bool(torch.equal(self.call_position[where], torch.arange(n)))):
+            return None
+        at = where.to(self.x.device)
+        return self.x.index_select(0, at), self.sigma.index_select(0, at), self.denoised.index_select(0, at)
+
+
 class _DenoiserEps:
-    """eps rows from a k-diffusion denoiser at one noise level; remembers its last forward-only call."""
+    """eps rows from a k-diffusion denoiser at one noise level; remembers its last call (detached)."""
 
     def __init__(self, denoiser: Callable[..., Tensor], sigma: float, x_scale: float,
                  model_dtype: torch.dtype | None) -> None:
         self.denoiser, self.sigma, self.x_scale, self.model_dtype = denoiser, sigma, x_scale, model_dtype
         self.last: DenoiserCall | None = None
 
-    def __call__(self, z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+    def model_input(self, z_rows: Tensor) -> Tensor:
+        """The sampler's x at the first level for these rows of unit-variance noise (what the denoiser gets)."""
         x = z_rows * self.x_scale
-        if self.model_dtype is not None:
-            x = x.to(self.model_dtype)
+        return x if self.model_dtype is None else x.to(self.model_dtype)
+
+    def __call__(self, z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+        x = self.model_input(z_rows)
         sigmas = torch.full((z_rows.shape[0],), self.sigma, device=z_rows.device, dtype=x.dtype)
         denoised = self.denoiser(x, sigmas, **kwargs)
-        self.last = None if denoised.requires_grad else DenoiserCall(x, sigmas, kwargs, denoised)
+        self.last = DenoiserCall(x.detach(), sigmas, kwargs, denoised.detach())
         return (x - denoised) / self.sigma
 
 

@@ -19,8 +19,9 @@ class CFGDenoiser:
 
     Images flagged in ``uncond_images`` get ``D_u`` alone while ``uncond_only(sigma, sigmas, uncond_steps)``
     (the first ``uncond_steps`` steps of the schedule ``sigmas``). One cond row per image. With ``reuse`` (a
-    Guidance built on the same denoiser and conditioning), a first call identical to the guidance's last
-    forward-only call takes its result instead of calling the model again (bit-identical).
+    Guidance built on the same denoiser and conditioning), a first call identical to the guidance's
+    :attr:`~memsafe.Guidance.last_call` takes its outputs instead of calling the model again: the noise auto mode
+    left unchanged, or where the per-sample method stopped, has been evaluated there already.
     """
 
     def __init__(
@@ -49,8 +50,8 @@ class CFGDenoiser:
         self.reused = 0  # model calls saved by reusing the guidance's last call
 
     def _reusable(self, x_in: Tensor, sigma_in: Tensor) -> Tensor | None:
-        """The guidance's last model output if it was computed for exactly this call (auto mode's risk
-        evaluation is the first sampling step's CFG call when the noise was left unchanged)."""
+        """The guidance's latest outputs if they were computed for exactly this call (the first step at the
+        adjusted noise: auto mode's risk evaluation, the per-sample method's last check)."""
         last = self.reuse.last_call if self.reuse is not None else None
         if last is None or self.both is None or not last.matches(x_in, sigma_in, self.both):
             return None

@@ -11,6 +11,7 @@ import torch
 import a1111_standin as webui
 import memsafe
 from memsafe import MitigationConfig, adjust_noise, guidance_from_denoiser
+from memsafe.guidance import Guidance
 from memsafe.hosts import a1111
 from memsafe.hosts.webui_args import ARG_NAMES, parse_script_args
 
@@ -328,6 +329,39 @@ def test_auto_not_at_risk_costs_no_extra_model_call(host, sd_model, script):
     wrappers = [s.model_wrap_cfg.model_wrap for s in p.samplers]
     assert all(isinstance(w, webui.K.external.CompVisDenoiser) for w in wrappers)  # the model is back
     assert callbacks(host) == []
+
+
+@pytest.mark.parametrize("prompt", ["a cat", "a cat AND a hat :0.5"])
+def test_per_sample_last_check_is_the_first_sampling_step(host, sd_model, script, monkeypatch, prompt):
+    host.shared.opts.memsafe_cache_size = 0
+    images, calls = {}, {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(Guidance, "call_at", lambda self, z: None)
+        before = sd_model.calls
+        p, images[reuse] = run(sd_model, script, on("per_sample"), batch_size=1, n_iter=2, seed=60, prompt=prompt)
+        calls[reuse] = sd_model.calls - before
+        assert all(isinstance(s.model_wrap_cfg.model_wrap, webui.K.external.CompVisDenoiser) for s in p.samplers)
+        assert callbacks(host) == []
+    assert all("MemSafe result: per_sample" in t for t in images[True].infotexts)
+    # every batch's last check (under autograd) was its sampler's first model call: one call saved per batch
+    assert calls[False] - calls[True] == 2
+    assert torch.equal(torch.stack(images[True].images), torch.stack(images[False].images))  # bit-identical
+
+
+def test_per_sample_checks_one_image_per_call_then_the_sampler_runs_its_first_step(host, sd_model, script):
+    host.shared.opts.memsafe_cache_size = 0
+    calls, images = {}, {}
+    for per_call in (0, 1):  # the whole batch of 2 per model call, or one image
+        host.shared.opts.memsafe_images_per_call = per_call
+        before = sd_model.calls
+        p, images[per_call] = run(sd_model, script, on("per_sample", max_iterations=1), batch_size=2, seed=61)
+        calls[per_call] = sd_model.calls - before
+    # both images stop after 1 step: 2 checks. Whole batch: 2 calls, and the last is the sampler's first step.
+    # One image per call: 4 calls with 2 rows each, while the sampler's call has 4 rows (another batch size may
+    # round differently), so the sampler makes its own.
+    assert (calls[0], calls[1]) == (2 + p.steps - 1, 4 + p.steps)
+    torch.testing.assert_close(images[1].images, images[0].images, rtol=1e-3, atol=1e-3)
 
 
 def test_reuse_stand_in_runs_the_model_for_any_other_call_and_puts_it_back():

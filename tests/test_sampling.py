@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import memsafe
+from helpers import SIGMA0
 from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
 
 STEPS = 8
@@ -163,3 +164,92 @@ def test_reuse_is_refused_when_the_call_differs(kd, denoiser, batch):
         other_cond(z * sigmas[0], sigmas[:1].expand(3))
         moved((z + 1e-3) * sigmas[0], sigmas[:1].expand(3))
     assert other_cond.reused == 0 and moved.reused == 0
+
+
+def _sample(kd, denoiser, cond, uncond, z, sigmas, reuse=None, **cfg):
+    model = CFGDenoiser(denoiser, {"cond": cond}, {"cond": uncond}, 7.0, sigmas=sigmas, reuse=reuse, **cfg)
+    with torch.no_grad():
+        images = kd.sampling.sample_euler(model, z * sigmas[0], sigmas, disable=True)
+    return images, model
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "gradient", "images", "max_batch", "stop_together"),
+    [("adamw", "autograd", 3, None, True), ("polyak", "autograd", 1, None, True),
+     ("adamw", "finite_difference", 3, None, True), ("adamw", "autograd", 3, None, False),
+     ("polyak", "autograd", 3, 1, True)],
+)
+def test_per_sample_last_check_is_the_first_sampling_step(kd, denoiser, unet, batch, optimizer, gradient, images,
+                                                          max_batch, stop_together):
+    z, cond, uncond = (t[:images] for t in batch)
+    sigmas = denoiser.get_sigmas(STEPS)
+    g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond})
+    risk = memsafe.risk_score(z, g)
+    # an unreachable target stops every image at max_iterations, in one call; one between the images' risks
+    # stops them after different numbers of iterations, the last ones in smaller calls
+    target = 0.0 if stop_together else float(risk.median()) * 0.8
+    config = MitigationConfig(method="per_sample", scale_with_size=False, target=target, optimizer=optimizer,
+                              gradient=gradient, max_iterations=4, lr=0.2)
+    res = adjust_noise(z, g, config, model=unet, max_batch=max_batch)
+    assert (len(set(res.iterations.tolist())) == 1) == stop_together
+    reused, with_reuse = _sample(kd, denoiser, cond, uncond, res.z, sigmas, reuse=g)
+    fresh, without = _sample(kd, denoiser, cond, uncond, res.z, sigmas)
+    assert torch.equal(reused, fresh)  # the check ran under autograd: the same kernels, the same bits
+    # taken only from one call as large as the sampler's: another batch size may round differently
+    saved = int(stop_together and (max_batch is None or images == 1))
+    assert (without.calls, with_reuse.calls, with_reuse.reused) == (STEPS, STEPS - saved, saved)
+
+
+def test_auto_reuses_the_risk_evaluation_only_if_no_image_moved(kd, denoiser, unet, batch):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond})
+    risk = memsafe.risk_score(z, g)
+    threshold = float(risk.median())  # the images at or above it are adjusted, the others keep their noise
+    config = MitigationConfig(method="auto", auto_method="per_sample", scale_with_size=False,
+                              risk_threshold=threshold, target=0.0, max_iterations=2, lr=0.2)
+    res = adjust_noise(z, g, config, model=unet)
+    assert "none" in res.applied and "per_sample" in res.applied
+    reused, with_reuse = _sample(kd, denoiser, cond, uncond, res.z, sigmas, reuse=g)
+    fresh, _ = _sample(kd, denoiser, cond, uncond, res.z, sigmas)
+    # the adjusted images' last checks had fewer rows than the sampler's call: not taken
+    assert torch.equal(reused, fresh) and with_reuse.reused == 0
+    assert g.call_at(res.z) is None and g.call_at(z) is None
+
+
+def test_batch_wise_reuses_only_a_measured_final_noise(kd, denoiser, batch):
+    z, cond, uncond = batch
+    sigmas = denoiser.get_sigmas(STEPS)
+    for measure_after, expected in ((False, 0), (True, 1)):
+        g = guidance_from_denoiser(denoiser, float(sigmas[0]), {"cond": cond}, {"cond": uncond})
+        res = adjust_noise(z, g, MitigationConfig(method="batch_wise", uncond_steps=0), measure_after=measure_after)
+        reused, with_reuse = _sample(kd, denoiser, cond, uncond, res.z, sigmas, reuse=g)
+        fresh, _ = _sample(kd, denoiser, cond, uncond, res.z, sigmas)
+        # without the measurement its latest evaluations are the probes at z + rho * g: never taken
+        assert torch.equal(reused, fresh) and with_reuse.reused == expected, measure_after
+
+
+def test_last_call_needs_every_image_evaluated_in_one_layout(denoiser, batch):
+    z, cond, uncond = batch
+    g = guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond}, {"cond": uncond})
+    assert g.last_call is None
+    with torch.no_grad():
+        g.select(torch.tensor([2])).pair(z[2:])
+        assert g.last_call is None and g.select(torch.tensor([2])).call_at(z[2:]) is not None
+        g.pair(z + 1)
+        assert g.last_call is not None and g.call_at(z) is None  # evaluated elsewhere
+        g.select(torch.tensor([1])).pair(z[1:2])
+        assert g.last_call is None  # image 1's latest rows came from a smaller call
+        g.pair(z)
+        g.select(torch.tensor([0, 2])).pair(z[[0, 2]])  # as many rows as a selection of two, not as the batch
+        assert g.select(torch.tensor([0, 2])).call_at(z[[0, 2]]) is not None and g.call_at(z) is None
+        assert g.select(torch.tensor([2, 0])).call_at(z[[2, 0]]) is None  # the same rows at other places
+        g.pair(z + 1)
+        g.pair(z)
+        call = g.call_at(z)
+        full = denoiser(torch.cat([z, z]) * SIGMA0, torch.full((6,), SIGMA0), cond=torch.cat([cond, uncond]))
+    assert call is not None and torch.equal(call.denoised, full) and torch.equal(call.x, torch.cat([z, z]) * SIGMA0)
+    unbatched = guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond}, {"cond": uncond}, batched=False)
+    with torch.no_grad():
+        unbatched.pair(z)
+    assert unbatched.last_call is None  # cond and uncond in separate calls: no single call to match

@@ -221,7 +221,7 @@ class SamplingContext:
     k_diffusion: bool
     first_level: float
     measure: list[int] = field(default_factory=list)  # global image indexes whose risk_after comes from step 0
-    reuse: DenoiserCall | None = None  # the risk evaluation, if the first step may be exactly that call again
+    reuse: DenoiserCall | None = None  # the latest evaluations, if the first step may be exactly that call again
     stand_in: ReuseFirstCall | None = None  # in the CFG denoiser's model_wrap until its first call
     seen_first: bool = False
     early: bool = False
@@ -335,11 +335,12 @@ class Job:
 
 class ReuseFirstCall(torch.nn.Module):
     """Takes the place of a CFG denoiser's ``model_wrap`` (what its ``inner_model`` returns, kdiffusion.py L52-64)
-    for ONE call. A1111 has no hook that hands the sampler a precomputed model output, so this is how auto mode's
-    risk evaluation, made at exactly the noise, sigma and conditioning of the sampler's first step when the
-    noise is left unchanged, saves that step's model call: if the call's inputs equal the recorded call's
-    (compared exactly), it returns a copy of its output (bit-identical: the same UNet call); otherwise it runs
-    the model. Either way it puts the model back first."""
+    for ONE call. A1111 has no hook that hands the sampler a precomputed model output, so this is how the latest
+    evaluation of every image, made at exactly the noise, sigma and conditioning of the sampler's first step
+    (auto mode's risk evaluation when it left the noise unchanged, the per-sample method's last check where it
+    stopped), saves that step's model call: if the call's inputs equal the recorded call's (compared exactly), it
+    returns a copy of its output (the same UNet call's numbers); otherwise it runs the model. Either way it puts
+    the model back first."""
 
     def __init__(self, owner: Any, call: DenoiserCall) -> None:
         super().__init__()
@@ -365,7 +366,7 @@ class ReuseFirstCall(torch.nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         self.restore()
         if self._call.matches(x, sigma, kwargs):
-            log.debug("memsafe: the first sampling step took the risk evaluation's output (one model call saved)")
+            log.debug("memsafe: the first sampling step took memsafe's last evaluation (one model call saved)")
             return self._call.denoised.clone()  # the sampler edits x_out in place (cfg_denoised callbacks)
         return self.model(x, sigma, **kwargs)
 
@@ -602,8 +603,9 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         uncond_images[i] = record.applied == "batch_wise" and job.config.uncond_steps > 0
         if math.isnan(record.risk_after) and i not in measure_from_sampler:
             measure_from_sampler.append(i)
-    # auto mode left the noise as it was: its risk evaluation is the sampler's first model call
-    reuse = bg.guidance.last_call if bg.k_diffusion and not is_forge() and torch.equal(z_new, x) else None
+    # every image was last evaluated at the noise the sampler starts from (auto mode left it unchanged, per-sample
+    # stopped there): that evaluation is the sampler's first model call
+    reuse = bg.guidance.call_at(z_new) if bg.k_diffusion and not is_forge() else None
     if bool(uncond_images.any()) or measure_from_sampler or reuse is not None:
         job.set_sampling(SamplingContext(
             denoiser=p.sampler.model_wrap_cfg, schedule=bg.schedule, uncond_steps=job.config.uncond_steps,
