@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,8 @@ def _rss_bytes() -> int:
 
 
 def measure_memory_child(args: argparse.Namespace) -> None:
-    """In a fresh process: peak memory of one generation with ``args.child``."""
+    """In a fresh process: peak memory of one generation with ``args.child`` (with ``--child-allocated`` on the
+    CPU: the peak of live tensor bytes instead of the peak RSS)."""
     subject, z, cond, uncond, config = setup(args)
     if subject.device.type == "cuda":
         torch.cuda.synchronize()
@@ -178,6 +180,10 @@ def measure_memory_child(args: argparse.Namespace) -> None:
         generate(subject, args.child, z, cond, uncond, args.steps, config)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+    elif args.child_allocated:
+        alive = _tensor_bytes([*subject.denoiser.parameters(), *subject.denoiser.buffers(), z,
+                               *memsafe.guidance.tensors_in(cond), *memsafe.guidance.tensors_in(uncond)])
+        peak = alive + _allocated_peak_cpu(lambda: generate(subject, args.child, z, cond, uncond, args.steps, config))
     else:
         # The peak RSS of the generation itself: reset the kernel's high-water mark after the model is built
         # (building it peaks higher than any run), then read it back (Linux >= 4.0; else the process peak).
@@ -185,6 +191,32 @@ def measure_memory_child(args: argparse.Namespace) -> None:
         generate(subject, args.child, z, cond, uncond, args.steps, config)
         peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_bytes": peak, "rss_now": _rss_bytes()}))
+
+
+def _tensor_bytes(tensors: list[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _allocated_peak_cpu(run: Callable[[], object]) -> int:
+    """The highest bytes of CPU tensors allocated during ``run()`` above what was alive when it started: the
+    running sum of the profiler's allocation records (+ allocated, - freed). With the bytes alive before, the CPU
+    counterpart of ``torch.cuda.max_memory_allocated``: what the tensors need, without the allocator's slack
+    that the RSS also counts (glibc keeps freed blocks of the heap mapped)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    cpu = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() in cpu)
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def _reset_peak_rss() -> bool:
@@ -204,14 +236,17 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure_memory(args: argparse.Namespace, methods: list[str]) -> dict[str, int]:
+def measure_memory(args: argparse.Namespace, methods: list[str], allocated: bool = False) -> dict[str, int]:
+    """Peak memory of each method, each in a fresh process: the RSS on the CPU, or with ``allocated`` the live
+    tensor bytes (CUDA: max allocated either way)."""
     peaks = {}
     for m in methods:
-        cmd = [sys.executable, "-m", "bench", "perf", "--child", m,
+        cmd = [sys.executable, "-m", "bench", "perf", "--child", m, *(["--child-allocated"] if allocated else []),
                *[a for a in sys.argv[2:] if a not in ("--no-memory", "--memory-only")]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
         peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
-        print(f"  memory {m:20s} {peaks[m] / 2**20:10.1f} MiB", flush=True)
+        what = "allocated" if allocated else "memory"
+        print(f"  {what} {m:20s} {peaks[m] / 2**20:10.1f} MiB", flush=True)
     return peaks
 
 
@@ -221,7 +256,8 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str) -> None:
+def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str,
+                  allocated: dict[str, int] | None = None) -> None:
     """Put newly measured memory ratios into the existing rows of the same model and device (the timed run's
     command stays; ``peak_memory_command`` says how memory was measured)."""
     path = args.out / "perf.json"
@@ -237,6 +273,9 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str)
         row["peak_memory_ratio"] = peak / peaks["plain"]
         row["peak_memory_bytes"] = peak
         row["peak_memory_command"] = command
+        if allocated:
+            row["peak_allocated_ratio"] = allocated[method] / allocated["plain"]
+            row["peak_allocated_bytes"] = allocated[method]
     write_rows(rows, args.out)
 
 
@@ -287,11 +326,14 @@ def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
     path.write_text(json.dumps(merged, indent=1) + "\n")
     lines = ["# Cost of the methods against plain generation", "",
              "Written by `python -m bench perf` (see bench/perf.py); ratios are measured side by side in one run.",
-             "", "| model | device | batch | method | time ratio | peak memory ratio | evaluations / image | "
-             "replication | alignment | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Peak memory: the RSS on a CPU, CUDA's max allocated on a GPU; peak allocated: the live tensor bytes "
+             "(on a CPU from the profiler's allocation records, without the allocator's slack that the RSS counts).",
+             "", "| model | device | batch | method | time ratio | peak memory ratio | peak allocated ratio | "
+             "evaluations / image | replication | alignment | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
         lines.append(f"| {r['model']} | {r['device']} | {r['batch']} | {r['method']} | {r['time_ratio']:.3f} | "
-                     f"{r['peak_memory_ratio']:.3f} | {r['evaluations_per_image']:.1f} | "
+                     f"{r['peak_memory_ratio']:.3f} | {_fmt(r.get('peak_allocated_ratio'))} | "
+                     f"{r['evaluations_per_image']:.1f} | "
                      f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{r['command']}` |")
     (out / "perf.md").write_text("\n".join(lines) + "\n")
 
@@ -336,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--import-rows", type=Path, default=None, metavar="PERF_JSON",
                    help="only merge the rows of another perf.json (e.g. a GPU run's) into --out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-allocated", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--allocated", action="store_true",
+                   help="CPU: also measure the peak of live tensor bytes (profiler; one more run per method)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     if args.child:
@@ -352,13 +397,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.memory_only:  # fill in the memory ratios of the rows a timed run of the same model wrote
         peaks = measure_memory(args, methods)
-        update_memory(args, peaks, _command(argv))
+        allocated = measure_memory(args, methods, allocated=True) if args.allocated else None
+        update_memory(args, peaks, _command(argv), allocated)
         return
     info = measure_time(args, methods)
     if args.device.startswith("cuda"):
         peaks = {m: info[m].pop("cuda_peak_bytes") for m in methods}
+        allocated = peaks  # max allocated is what CUDA measures
     else:
         peaks = {} if args.no_memory else measure_memory(args, methods)
+        allocated = measure_memory(args, methods, allocated=True) if args.allocated and not args.no_memory else {}
     command = _command(argv)
     rows = []
     for m in methods:
@@ -367,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                "time_ratio_of_medians": info[m]["seconds"] / info["plain"]["seconds"],
                "peak_memory_ratio": (peaks[m] / peaks["plain"]) if peaks else float("nan"),
                "peak_memory_bytes": peaks.get(m),
+               **({"peak_allocated_ratio": allocated[m] / allocated["plain"]} if allocated else {}),
                **{k: v for k, v in info[m].items() if k != "seconds_all"},
                "machine": machine(), "command": command}
         rows.append(row)
