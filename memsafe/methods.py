@@ -404,7 +404,10 @@ def adjust_noise(
     (:mod:`memsafe.checkpointing`: less than half the backward pass's extra memory, about one more forward per
     iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default: from the first
     CUDA out-of-memory error on, before the batch is halved).
-    Identical inputs give bit-identical outputs on the same device.
+    Identical inputs give bit-identical outputs on the same device. Afterwards, a denoiser-based guidance's
+    :attr:`~memsafe.Guidance.last_call` is the sampler's first model call when every image was last evaluated at
+    its returned noise in one call of the whole batch (auto leaving the noise unchanged, per-sample images all
+    stopping in the same iteration): ``CFGDenoiser(reuse=guidance)`` then skips that call, with the same bits.
     """
     if not isinstance(config, MitigationConfig):
         raise InputError(f"memsafe: config must be a MitigationConfig, got {type(config).__name__}")
