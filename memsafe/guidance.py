@@ -331,6 +331,30 @@ class DenoiserCall:
                 and same_values(self.kwargs, kwargs))
 
 
+class _ModelEps:
+    """eps rows from a model ``model(x, t, **kwargs)`` at one timestep (eps, or v converted with the timestep's
+    ``(sqrt(a), sqrt(1 - a))``); remembers its last call (detached, the model's own output)."""
+
+    def __init__(self, model: Callable[..., Tensor], timestep: float, model_dtype: torch.dtype | None,
+                 v_to_eps: tuple[float, float] | None) -> None:
+        self.model, self.timestep, self.model_dtype, self.v_to_eps = model, timestep, model_dtype, v_to_eps
+        self.last: DenoiserCall | None = None
+
+    def model_input(self, z_rows: Tensor) -> Tensor:
+        """The sampler's x at the first timestep for these rows of noise: the noise itself (unit variance)."""
+        return z_rows if self.model_dtype is None else z_rows.to(self.model_dtype)
+
+    def __call__(self, z_rows: Tensor, kwargs: Conditioning) -> Tensor:
+        x = self.model_input(z_rows)
+        t = torch.full((z_rows.shape[0],), self.timestep, device=z_rows.device)
+        out = self.model(x, t, **kwargs)
+        self.last = DenoiserCall(x.detach(), t, kwargs, out.detach())
+        if self.v_to_eps is not None:
+            sqrt_a, sqrt_1ma = self.v_to_eps
+            out = sqrt_a * out + sqrt_1ma * x
+        return out
+
+
 class LatestRows:
     """Every model row's latest evaluation (the denoiser's input, sigma and output; how many rows its call had and
     where in it the row sat), by row of a guidance's full layout (cond rows, then uncond rows). Shared by a
@@ -424,14 +448,5 @@ def guidance_from_eps_model(
                 f"memsafe: v-prediction needs alpha_bar in (0, 1) at the timestep, got {alpha_bar!r}"
             )
         sqrt_a, sqrt_1ma = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-    timestep = float(timestep)
-
-    def eps_fn(z_rows: Tensor, kwargs: Conditioning) -> Tensor:
-        x = z_rows if model_dtype is None else z_rows.to(model_dtype)
-        t = torch.full((z_rows.shape[0],), timestep, device=z_rows.device)
-        out = model(x, t, **kwargs)
-        if prediction == "v":
-            out = sqrt_a * out + sqrt_1ma * x
-        return out
-
+    eps_fn = _ModelEps(model, float(timestep), model_dtype, (sqrt_a, sqrt_1ma) if prediction == "v" else None)
     return Guidance(eps_fn, cond, uncond, cond_image=cond_image, cond_weight=cond_weight, batched=batched)

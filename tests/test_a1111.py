@@ -314,34 +314,39 @@ def test_auto_leaves_low_risk_images_alone(host, sd_model, script):
                                first_pass_noise(p))
 
 
-def test_auto_not_at_risk_costs_no_extra_model_call(host, sd_model, script):
+@pytest.mark.parametrize("sampler", ["sample_euler", "ddim"])
+def test_auto_not_at_risk_costs_no_extra_model_call(host, sd_model, script, sampler):
     host.shared.opts.memsafe_cache_size = 0
     before = sd_model.calls
-    _, off = run(sd_model, script, [], batch_size=2, seed=50, prompt="a cat AND a hat :0.5")
+    _, off = run(sd_model, script, [], batch_size=2, seed=50, prompt="a cat AND a hat :0.5", sampler_name=sampler)
     calls_off = sd_model.calls - before
     before = sd_model.calls
     p, auto = run(sd_model, script, on("auto", risk_threshold=1e5), batch_size=2, n_iter=2, seed=50,
-                  prompt="a cat AND a hat :0.5")
+                  prompt="a cat AND a hat :0.5", sampler_name=sampler)
     assert all("MemSafe result: none" in t for t in auto.infotexts)
     # each batch's risk evaluation was its sampler's first model call: the same UNet calls as without MemSafe
     assert sd_model.calls - before == 2 * calls_off
     assert torch.equal(torch.stack(auto.images[:2]), torch.stack(off.images))  # bit-identical, not just close
     wrappers = [s.model_wrap_cfg.model_wrap for s in p.samplers]
-    assert all(isinstance(w, webui.K.external.CompVisDenoiser) for w in wrappers)  # the model is back
+    assert all(isinstance(w, (webui.K.external.CompVisDenoiser, webui.StandInTimestepsDenoiser))
+               for w in wrappers)  # the model is back
     assert callbacks(host) == []
 
 
-@pytest.mark.parametrize("prompt", ["a cat", "a cat AND a hat :0.5"])
-def test_per_sample_last_check_is_the_first_sampling_step(host, sd_model, script, monkeypatch, prompt):
+@pytest.mark.parametrize(("prompt", "sampler"),
+                         [("a cat", "sample_euler"), ("a cat AND a hat :0.5", "sample_euler"), ("a cat", "ddim")])
+def test_per_sample_last_check_is_the_first_sampling_step(host, sd_model, script, monkeypatch, prompt, sampler):
     host.shared.opts.memsafe_cache_size = 0
     images, calls = {}, {}
     for reuse in (True, False):
         if not reuse:
             monkeypatch.setattr(Guidance, "call_at", lambda self, z: None)
         before = sd_model.calls
-        p, images[reuse] = run(sd_model, script, on("per_sample"), batch_size=1, n_iter=2, seed=60, prompt=prompt)
+        p, images[reuse] = run(sd_model, script, on("per_sample"), batch_size=1, n_iter=2, seed=60, prompt=prompt,
+                               sampler_name=sampler)
         calls[reuse] = sd_model.calls - before
-        assert all(isinstance(s.model_wrap_cfg.model_wrap, webui.K.external.CompVisDenoiser) for s in p.samplers)
+        assert all(isinstance(s.model_wrap_cfg.model_wrap, (webui.K.external.CompVisDenoiser,
+                                                             webui.StandInTimestepsDenoiser)) for s in p.samplers)
         assert callbacks(host) == []
     assert all("MemSafe result: per_sample" in t for t in images[True].infotexts)
     # every batch's last check (under autograd) was its sampler's first model call: one call saved per batch

@@ -605,7 +605,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
             measure_from_sampler.append(i)
     # every image was last evaluated at the noise the sampler starts from (auto mode left it unchanged, per-sample
     # stopped there): that evaluation is the sampler's first model call
-    reuse = bg.guidance.call_at(z_new) if bg.k_diffusion and not is_forge() else None
+    reuse = bg.guidance.call_at(z_new) if not is_forge() else None  # k-diffusion and timesteps samplers alike
     if bool(uncond_images.any()) or measure_from_sampler or reuse is not None:
         job.set_sampling(SamplingContext(
             denoiser=p.sampler.model_wrap_cfg, schedule=bg.schedule, uncond_steps=job.config.uncond_steps,
