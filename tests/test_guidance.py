@@ -72,6 +72,22 @@ def test_v_prediction_conversion_matches_hand_computation(kd, batch):
         torch.testing.assert_close(g_kd(z), by_hand, rtol=1e-3, atol=1e-4)
 
 
+def test_eps_model_guidance_records_the_model_call_a_timesteps_sampler_makes(batch):
+    from helpers import small_unet
+
+    z, cond, uncond = batch
+    model = _eps_model(small_unet(seed=7))
+    g = guidance_from_eps_model(model, 951, {"cond": cond}, {"cond": uncond}, prediction="v", alpha_bar=0.2)
+    with torch.no_grad():
+        g(z)
+        call = g.call_at(z)
+        t = 951.0 * torch.ones(6)  # as A1111's DDIM passes it: timesteps[index].item() * s_in
+        assert call is not None and call.matches(torch.cat([z, z]), t, {"cond": torch.cat([cond, uncond])})
+        # the model's own output (v), which is what the sampler's call returns, not the converted eps
+        assert torch.equal(call.denoised, model(torch.cat([z, z]), t, torch.cat([cond, uncond])))
+    assert g.call_at(z + 1e-3) is None
+
+
 def test_separate_calls_equal_one_batched_call_and_are_counted(denoiser, batch):
     z, cond, uncond = batch
     batched = guidance_from_denoiser(denoiser, 14.6146, {"cond": cond}, {"cond": uncond})
