@@ -9,7 +9,7 @@ for the backward pass once (by storage; the weights themselves are not counted):
 - ``frozen``: memsafe's ``adjust_noise(model=unet)`` (memsafe.checkpointing.frozen_parameters);
 - ``checkpointed``: frozen and the UNet's parts checkpointed (``checkpointing="always"``): what stays is the
   parts' inputs plus what the layers between the parts save; the backward pass then recomputes one part at a
-  time, so the largest part's own saved bytes come on top at its turn.
+  time, one row at a time, so the largest part's own saved bytes for one row come on top at its turn.
 
 Counts, not timings: exact on any machine. Transient buffers (a kernel's workspace, the gradients flowing back)
 are not in it; ``python -m bench perf --memory-only`` measures the whole peak. With ``--time-repeats N`` it also
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     with torch.enable_grad():
         b = saved_bytes(unet, lambda: run(make_x()))
+        # memsafe's recompute runs one row at a time (frozen weights): the largest part of a one-row call
+        one_row = saved_bytes(unet, lambda: subject.denoiser(make_x(), sigma, **cond))["largest_part"]
     print(f"bench saved: {args.model} {subject.latent} {args.dtype} on {args.device}, one image (2 rows); "
           f"weights {weights / MiB:.0f} MiB")
     print(f"  kept for backward, weights trainable: {b['trainable'] / MiB:9.1f} MiB")
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({1 - b['frozen'] / b['trainable']:.0%} less)")
     print(f"  frozen and checkpointed ({b['parts']} parts): {b['checkpointed'] / MiB:9.1f} MiB kept "
           f"({b['part_inputs'] / MiB:.1f} of them the parts' inputs), "
-          f"+ {b['largest_part'] / MiB:.1f} MiB while the largest part is recomputed")
+          f"+ {b['largest_part'] / MiB:.1f} MiB while the largest part is recomputed for both rows at once, "
+          f"{one_row / MiB:.1f} MiB row by row (what memsafe does)")
     if args.time_repeats:
         with torch.no_grad():
             run(make_x())  # warm-up

@@ -476,8 +476,9 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
     import memsafe.methods as methods
 
     recomputed = []
-    original = ckpt.checkpoint
-    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, **k: recomputed.append(fn) or original(fn, *a, **k))
+    original = ckpt._RecomputeByRows.run  # the weights are frozen while adjusting: the row-by-row recompute
+    monkeypatch.setattr(ckpt._RecomputeByRows, "run", staticmethod(
+        lambda fn, args, kwargs: recomputed.append(fn) or original(fn, args, kwargs)))
     host.shared.opts.memsafe_cache_size = 0
     images = {}
     for mode in ("never", "always", "on_oom"):

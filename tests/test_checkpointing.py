@@ -58,6 +58,42 @@ def test_checkpointed_keeps_fewer_bytes_same_gradient_and_restores_forward(guida
     assert ckpt_kept < 0.5 * plain_kept, (ckpt_kept, plain_kept)
 
 
+class RowsSeen(torch.nn.Module):
+    """Logs the rows of every call of ``inner`` made with autograd recording."""
+
+    def __init__(self, inner, log):
+        super().__init__()
+        self.inner, self.log = inner, log
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            self.log.append(args[0].shape[0])
+        return self.inner(*args, **kwargs)
+
+
+def test_the_backward_recomputes_a_part_one_row_at_a_time_when_weights_are_frozen(guidance, batch, unet):
+    z, *_ = batch
+    part = unet.down_blocks[0].attentions[0]
+    log = []
+    probe = RowsSeen(part.transformer_blocks[0], log)
+    original = part.transformer_blocks[0]
+    part.transformer_blocks[0] = probe
+    try:
+        plain_grad, _ = gradient_and_kept_bytes(guidance, z)
+        log.clear()
+        with checkpointed(checkpoint_blocks(unet)):
+            trainable_grad, _ = gradient_and_kept_bytes(guidance, z)
+            assert log == [6, 6]  # trainable weights: torch's checkpoint, forward and recompute of the whole call
+            log.clear()
+            with frozen_parameters(unet):
+                frozen_grad, _ = gradient_and_kept_bytes(guidance, z)
+            assert log == [1] * 6  # frozen: row by row, the forward itself kept nothing inside the part
+    finally:
+        part.transformer_blocks[0] = original
+    torch.testing.assert_close(trainable_grad, plain_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(frozen_grad, plain_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_checkpointed_restores_forward_on_error(unet):
     blocks = checkpoint_blocks(unet)
     own = blocks[0].forward  # a forward set on the instance by someone else must come back as it was
@@ -144,7 +180,8 @@ def test_per_sample_with_checkpointing_gives_the_same_noise(guidance, batch, une
                            optimizer=optimizer, scale_with_size=False)
     plain = adjust_noise(z, guidance, cfg)
     ckpt = adjust_noise(z, guidance, cfg, model=unet, checkpointing="always")
-    torch.testing.assert_close(ckpt.z, plain.z, rtol=1e-5, atol=1e-6)
+    # the recompute runs one row at a time: batch round-off only (AdamW's per-element step magnifies it)
+    torch.testing.assert_close(ckpt.z, plain.z, rtol=1e-3, atol=1e-4)
     assert ckpt.iterations.tolist() == plain.iterations.tolist() and plain.iterations.max() > 0
     assert all("forward" not in b.__dict__ for b in checkpoint_blocks(unet))
 
@@ -184,7 +221,7 @@ def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance,
     expected = adjust_noise(z, guidance, cfg).z
     log = []
     res = adjust_noise(z, OutOfMemoryAbove(guidance, unet, 1, log), cfg, model=unet)  # on_oom
-    torch.testing.assert_close(res.z, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.z, expected, rtol=1e-3, atol=1e-4)  # recomputed row by row: batch round-off
     assert log[0] == (3, True) and all(checkpointed for _, checkpointed in log)  # whole batch, checkpointed
     assert "recomputing the UNet's activations" in caplog.text  # the user learns why it got slower
     log.clear()
