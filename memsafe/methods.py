@@ -402,8 +402,8 @@ def adjust_noise(
     requiring grad while the noise is adjusted (same gradients; no activations kept for weight gradients; restored
     afterwards), and its activations can be recomputed block by block instead of kept
     (:mod:`memsafe.checkpointing`: less than half the backward pass's extra memory, about one more forward per
-    iteration, same results): ``checkpointing="always"``, ``"never"``, or ``"on_oom"`` (default: from the first
-    CUDA out-of-memory error on, before the batch is halved).
+    iteration, the same results up to round-off): ``checkpointing="always"``, ``"never"``, or ``"on_oom"``
+    (default: from the first CUDA out-of-memory error on, before the batch is halved).
     Identical inputs give bit-identical outputs on the same device. Afterwards, a denoiser-based guidance's
     :attr:`~memsafe.Guidance.last_call` is the sampler's first model call when every image was last evaluated at
     its returned noise in one call of the whole batch (auto leaving the noise unchanged, per-sample images all

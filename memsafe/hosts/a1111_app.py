@@ -43,7 +43,7 @@ def on_ui_settings() -> None:
         "on_oom", "Per-sample: recompute UNet activations during backprop (activation checkpointing)", gr.Radio,
         {"choices": ["on_oom", "always", "never"]}, section=SECTION).info(
         "on_oom: only after a CUDA out-of-memory error; always: lowest VRAM, about one more UNet pass per "
-        "iteration; same images either way; not used with --lowvram"))
+        "iteration, one image row at a time; the same images up to round-off; not used with --lowvram"))
     add("memsafe_images_per_call", shared.OptionInfo(
         0, "Per-sample: images per UNet call (0 = the whole batch)", gr.Slider,
         {"minimum": 0, "maximum": 16, "step": 1}, section=SECTION).info(
