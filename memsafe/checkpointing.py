@@ -116,16 +116,18 @@ class _RecomputeByRows(torch.autograd.Function):
         tensors = ctx.saved_tensors
         need = ctx.needs_input_grad[5:]
         grads: list[torch.Tensor | None] = [torch.zeros_like(t) if n else None for t, n in zip(tensors, need)]
+        wanted = [i for i, n in enumerate(need) if n]
+        if not wanted:
+            return (None,) * (5 + len(tensors))
+        split = [bool(ctx.rows) and t.dim() > 0 and t.shape[0] == ctx.rows for t in tensors]
         chunks = [slice(r, r + 1) for r in range(ctx.rows)] if ctx.rows else [slice(None)]
         for rows in chunks:
-            split = [ctx.rows and t.dim() > 0 and t.shape[0] == ctx.rows for t in tensors]
             inputs = [(t[rows] if s else t).detach().requires_grad_(n) for t, s, n in zip(tensors, split, need)]
             with torch.enable_grad(), _autocast(ctx.autocast):
                 out = _call(ctx.fn, ctx.leaves, ctx.spec, ctx.at, inputs)
             outputs = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
             pairs = [(o, g[rows]) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-            wanted = [i for i, n in enumerate(need) if n]
-            if not pairs or not wanted:
+            if not pairs:
                 continue
             found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                         [g for _, g in pairs], allow_unused=True)
