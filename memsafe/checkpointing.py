@@ -27,6 +27,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 BIG_BLOCK_SHARE = 0.05  # a top-level child with at least this share of the parameters is a block of its own
+# The row-by-row recompute takes as many rows at once as fit in this many bytes of a part's first input: splitting
+# saves memory where activations are large (SD1.5's 64x64 parts: 5 MiB a row in fp32, one row at a time), while
+# for small ones each extra call only costs time (a kernel launch and its overhead per row).
+RECOMPUTE_CHUNK_BYTES = 4 * 2**20
 
 
 def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
@@ -75,8 +79,9 @@ def _row_batched(tensors: Sequence[torch.Tensor], rows: int) -> bool:
 
 
 class _RecomputeByRows(torch.autograd.Function):
-    """A checkpointed part whose backward pass recomputes it one model row at a time: the largest part's
-    activations are held for one row, not the whole call (SD1.5 at 64x64, one image = a cond and an uncond row:
+    """A checkpointed part whose backward pass recomputes it a few model rows at a time (one row where a row of
+    its input holds :data:`RECOMPUTE_CHUNK_BYTES` or more): the largest part's activations are held for one row,
+    not the whole call (SD1.5 at 64x64, one image = a cond and an uncond row:
     241 MiB -> 120 MiB, `python -m bench saved`). A UNet part treats its rows independently, so the gradients are
     the same up to float round-off (a kernel may round a batch of 1 differently). Only for frozen weights (the
     per-sample method's case): gradients with respect to the inputs alone. Tensors in the arguments either have
@@ -109,6 +114,7 @@ class _RecomputeByRows(torch.autograd.Function):
         main = tensors[0] if tensors else None
         rows = main.shape[0] if main is not None and main.dim() > 0 else 0
         ctx.rows = rows if rows > 1 and _row_batched(outputs, rows) else 0  # 0: recompute whole
+        ctx.row_bytes = main.numel() * main.element_size() // rows if ctx.rows and main is not None else 0
         return outputs
 
     @staticmethod
@@ -120,7 +126,8 @@ class _RecomputeByRows(torch.autograd.Function):
         if not wanted:
             return (None,) * (5 + len(tensors))
         split = [bool(ctx.rows) and t.dim() > 0 and t.shape[0] == ctx.rows for t in tensors]
-        chunks = [slice(r, r + 1) for r in range(ctx.rows)] if ctx.rows else [slice(None)]
+        step = max(1, RECOMPUTE_CHUNK_BYTES // max(1, ctx.row_bytes)) if ctx.rows else 0
+        chunks = [slice(r, r + step) for r in range(0, ctx.rows, step)] if step else [slice(None)]
         for rows in chunks:
             inputs = [(t[rows] if s else t).detach().requires_grad_(n) for t, s, n in zip(tensors, split, need)]
             with torch.enable_grad(), _autocast(ctx.autocast):
