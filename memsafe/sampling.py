@@ -53,9 +53,9 @@ class CFGDenoiser:
         """The guidance's latest outputs if they were computed for exactly this call (the first step at the
         adjusted noise: auto mode's risk evaluation, the per-sample method's last check)."""
         last = self.reuse.last_call if self.reuse is not None else None
+        self.reuse = None  # only the sampler's first call can be that call: later steps skip the comparison
         if last is None or self.both is None or not last.matches(x_in, sigma_in, self.both):
             return None
-        self.reuse = None  # once: the sampler's first step
         return last.denoised
 
     def __call__(self, x: Tensor, sigma: Tensor, **_: object) -> Tensor:

@@ -164,6 +164,7 @@ def test_reuse_is_refused_when_the_call_differs(kd, denoiser, batch):
         other_cond(z * sigmas[0], sigmas[:1].expand(3))
         moved((z + 1e-3) * sigmas[0], sigmas[:1].expand(3))
     assert other_cond.reused == 0 and moved.reused == 0
+    assert other_cond.reuse is None and moved.reuse is None  # given up after the first call, not compared each step
 
 
 def _sample(kd, denoiser, cond, uncond, z, sigmas, reuse=None, **cfg):
