@@ -24,8 +24,10 @@ source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja o
 COMMON=(--device cuda --dtype float16 --batch 2 --repeats 3 --target-ratio 0.9 --max-iterations 10 --out "$OUT")
 FAILED=0
 step sd15 240 "$PY" -m bench perf --model sd15 --steps 50 "${COMMON[@]}" || FAILED=1
-# what one image's backward keeps on the GPU (CUDA attention kernels, fp16): counts, seconds
-step saved 60 "$PY" -m bench saved --model sd15 --latent 64 --dtype float16 || FAILED=1
+# what one image's backward keeps on the GPU (CUDA attention kernels, fp16), and what checkpointing within a few
+# budgets keeps and costs: counts, seconds
+step saved 120 "$PY" -m bench saved --model sd15 --latent 64 --dtype float16 --budgets 300,600,1200 \
+  --time-repeats 3 || FAILED=1
 LEFT=$((570 - ($(date +%s) - START)))
 if [ $LEFT -gt 60 ]; then
   step sdxl "$LEFT" "$PY" -m bench perf --model sdxl --steps 30 "${COMMON[@]}" || FAILED=1

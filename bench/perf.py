@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -36,12 +37,16 @@ from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_d
 from .models import CONFIGS, Subject, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# per_sample* variants: <gradient/step>[_checkpointed][_one]; _checkpointed recomputes UNet activations in the
-# backward pass (memsafe.checkpointing), _one evaluates one image per model call (max_batch=1); both give the same
-# images as the variant without them
+# per_sample* variants: per_sample[_fd|_polyak][_checkpointed|_budget[MiB]][_one]; _checkpointed recomputes every
+# part of the UNet in the backward pass (memsafe.checkpointing), _budget500 only what does not fit in 500 MiB of
+# kept activations (_budget alone: within the free memory), _one evaluates one image per model call (max_batch=1);
+# each gives the same images as the variant without it (up to round-off)
+PER_SAMPLE_VARIANT = re.compile(r"per_sample(?P<step>_fd|_polyak)?(?P<recompute>_checkpointed|_budget(?P<mib>\d+)?)?"
+                                r"(?P<one>_one)?")
 PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_polyak", "per_sample_checkpointed",
               "per_sample_polyak_checkpointed", "per_sample_polyak_checkpointed_one")
-METHODS = ("plain", "batch_wise", "per_sample_exact", *PER_SAMPLE, "auto_safe", "auto_safe_no_reuse")
+METHODS = ("plain", "batch_wise", "per_sample_exact", *PER_SAMPLE, "per_sample_polyak_budget", "auto_safe",
+           "auto_safe_no_reuse")
 CFG_SCALE = 7.0
 
 
@@ -87,13 +92,15 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
         forward, backward = res.evaluations.forward, res.evaluations.backward
     elif method == "per_sample_exact":
         z, forward, backward = per_sample_exact(z, g, config)
-    elif method in PER_SAMPLE:
+    elif (parts := PER_SAMPLE_VARIANT.fullmatch(method)) is not None:
         variant = config.replace(method="per_sample",
-                                 gradient="finite_difference" if method == "per_sample_fd" else "autograd",
-                                 optimizer="polyak" if "polyak" in method else "adamw")
-        checkpointed = "_checkpointed" in method
-        res = adjust_noise(z, g, variant, model=denoiser.unet, checkpointing="always" if checkpointed else "never",
-                           max_batch=1 if method.endswith("_one") else None)
+                                 gradient="finite_difference" if parts["step"] == "_fd" else "autograd",
+                                 optimizer="polyak" if parts["step"] == "_polyak" else "adamw")
+        recompute = parts["recompute"] or ""
+        mode = "always" if recompute == "_checkpointed" else "budget" if recompute else "never"
+        budget = int(parts["mib"]) * 2**20 if parts["mib"] else None
+        res = adjust_noise(z, g, variant, model=denoiser.unet, checkpointing=mode, memory_budget=budget,
+                           max_batch=1 if parts["one"] else None)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
         reuse = g  # the last check, where every image stopped in one call, is the first sampling step
@@ -289,6 +296,11 @@ LAB_EFFICACY = {"plain": ("main", "no mitigation"), "batch_wise": ("main", "batc
                 "per_sample_polyak_checkpointed_one": ("variants", "per_sample_polyak")}
 
 
+def _lab_equivalent(method: str) -> str:
+    """A checkpointing-under-a-budget variant gives the images of the same variant with every part recomputed."""
+    return re.sub(r"_budget\d*", "_checkpointed", method)
+
+
 def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
     """Add replication rate, alignment and diversity on the lab's CFG-driven prompts (from
     bench/results/lab.json, written by ``python -m memsafe.lab.evaluate``) to the lab model's rows."""
@@ -297,9 +309,10 @@ def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
         return
     lab = json.loads(path.read_text())
     for row in rows:
-        if row["model"] != "lab" or row["method"] not in LAB_EFFICACY:
+        method = _lab_equivalent(row["method"])
+        if row["model"] != "lab" or method not in LAB_EFFICACY:
             continue
-        section, label = LAB_EFFICACY[row["method"]]
+        section, label = LAB_EFFICACY[method]
         for r in lab.get(section, []):
             if r["method"] == label and r["regime"] == "cfg_driven":
                 row.update(replication_rate=r["replication"], replication_ci95=r["replication_ci95"],
@@ -387,6 +400,10 @@ def main(argv: list[str] | None = None) -> None:
         measure_memory_child(args)
         return
     methods = ["plain", *[m for m in args.methods.split(",") if m != "plain"]]
+    unknown = [m for m in methods if m not in METHODS and PER_SAMPLE_VARIANT.fullmatch(m) is None]
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or a per_sample "
+                "variant per_sample[_fd|_polyak][_checkpointed|_budget[MiB]][_one]")
     print(f"bench perf: {args.model} on {args.device} ({machine()}), {args.steps} steps, batch {args.batch}",
           flush=True)
     if args.refresh:  # rewrite perf.md and the lab rows' efficacy from the rows already in perf.json
@@ -421,5 +438,20 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{m:20s} time x{row['time_ratio']:.3f}  memory x{row['peak_memory_ratio']:.3f}  "
               f"evaluations/image {row['evaluations_per_image']:.1f}")
+    if not peaks:
+        _keep_memory(rows, args.out)
     write_rows(rows, args.out)
+
+
+MEMORY_FIELDS = ("peak_memory_ratio", "peak_memory_bytes", "peak_memory_command", "peak_allocated_ratio",
+                 "peak_allocated_bytes")
+
+
+def _keep_memory(rows: list[dict[str, Any]], out: Path) -> None:
+    """A timed run without memory measurement keeps the memory that earlier runs measured for the same rows."""
+    path = out / "perf.json"
+    earlier = {_row_key(r): r for r in json.loads(path.read_text())} if path.exists() else {}
+    for row in rows:
+        before = earlier.get(_row_key(row), {})
+        row.update({k: before[k] for k in MEMORY_FIELDS if k in before})
 

@@ -20,14 +20,23 @@ interleaved, and prints the median ratio: what one per-sample gradient costs in 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from memsafe.checkpointing import checkpoint_blocks, frozen_parameters
+from memsafe.checkpointing import (
+    CheckpointPlan,
+    SavedBytes,
+    checkpoint_blocks,
+    checkpointed,
+    frozen_parameters,
+)
 from memsafe.guidance import tensors_in
 
 from .models import build
@@ -35,56 +44,28 @@ from .models import build
 MiB = 2**20
 
 
-def _storage_key(t: Tensor) -> tuple[int, str]:
-    return t.untyped_storage().data_ptr(), str(t.device)
-
-
-class _SavedBytes:
-    """Bytes of the distinct storages packed for backward (weights excluded) while the ``with`` block runs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self._weights = {_storage_key(p) for p in model.parameters()}
-        self.storages: dict[tuple[int, str], int] = {}
-
-    def add(self, t: Tensor) -> None:
-        key = _storage_key(t)
-        if key not in self._weights:
-            self.storages[key] = t.untyped_storage().nbytes()
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-    def pack(self, t: Tensor) -> Tensor:
-        self.add(t)
-        return t
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-
 def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int]:
     """The breakdown (bytes) for one forward ``forward()`` of ``unet`` under autograd."""
     unet.requires_grad_(True)
-    trainable = _SavedBytes(unet)
+    trainable = SavedBytes.excluding_weights(unet)
     with trainable.hooks():
         forward()
     out = {"trainable": trainable.total}
     with frozen_parameters(unet):
-        frozen = _SavedBytes(unet)
+        frozen = SavedBytes.excluding_weights(unet)
         with frozen.hooks():
             forward()
         out["frozen"] = frozen.total
         # checkpointed: each part keeps its inputs; the layers between the parts keep what they save
         parts = checkpoint_blocks(unet)
-        inputs, between = _SavedBytes(unet), _SavedBytes(unet)
-        own: list[_SavedBytes] = []  # per part run: what it saves itself (what its recomputation holds)
-        running: list[_SavedBytes] = []
+        inputs, between = SavedBytes.excluding_weights(unet), SavedBytes.excluding_weights(unet)
+        own: list[SavedBytes] = []  # per part run: what it saves itself (what its recomputation holds)
+        running: list[SavedBytes] = []
 
         def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
             for t in tensors_in((args, kwargs)):
                 inputs.add(t)
-            own.append(_SavedBytes(unet))
+            own.append(SavedBytes.excluding_weights(unet))
             running.append(own[-1])
 
         def leave(module: nn.Module, args: tuple, kwargs: dict, result: object) -> None:
@@ -109,27 +90,39 @@ def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int
     return out
 
 
-def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor],
-                  repeats: int) -> list[float]:
-    """Per repeat: the seconds of a forward + backward pass (frozen weights, gradient with respect to the input)
-    over those of a forward pass alone (no autograd), minus one: a backward pass's cost in forward passes.
-    Interleaved, so that drift in the machine's speed hits both alike."""
+def measured_plan(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor]) -> CheckpointPlan:
+    """A checkpointing plan that has measured every part in one forward + backward pass of one image."""
+    plan = CheckpointPlan(unet, checkpoint_blocks(unet))
+    with frozen_parameters(unet), checkpointed(plan.blocks, plan), plan.chunk(1), torch.enable_grad():
+        x = make_x()
+        torch.autograd.grad(run(x).float().pow(2).sum(), [x])
+    return plan
+
+
+def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor], repeats: int,
+                  settings: dict[str, Callable[[], AbstractContextManager[object]]]) -> dict[str, list[float]]:
+    """Per setting (a context the backward pass runs in: checkpointing off, on, a plan) and repeat: the seconds
+    of a forward + backward pass (frozen weights, gradient with respect to the input) over those of a forward pass
+    alone (no autograd), minus one: a backward pass's cost in forward passes. Interleaved, and each setting
+    against the forward pass timed just before it, so that drift in the machine's speed hits all alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    ratios = []
+    ratios: dict[str, list[float]] = {name: [] for name in settings}
     with frozen_parameters(unet):
-        for _ in range(repeats):
-            x = make_x()
-            sync()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                run(x)
-            sync()
-            t1 = time.perf_counter()
-            with torch.enable_grad():
-                torch.autograd.grad(run(x).float().pow(2).sum(), [x])
-            sync()
-            t2 = time.perf_counter()
-            ratios.append((t2 - t1) / (t1 - t0) - 1.0)
+        for r in range(repeats):
+            names = list(settings)
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotated order
+                x = make_x()
+                sync()
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    run(x)
+                sync()
+                t1 = time.perf_counter()
+                with torch.enable_grad(), settings[name]():
+                    torch.autograd.grad(run(x).float().pow(2).sum(), [x])
+                sync()
+                t2 = time.perf_counter()
+                ratios[name].append((t2 - t1) / (t1 - t0) - 1.0)
     return ratios
 
 
@@ -142,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--time-repeats", type=int, default=0, help="also time backward against forward (N repeats)")
+    p.add_argument("--budgets", default="", help="MiB, comma-separated: what checkpointing within each budget "
+                   "keeps and recomputes (counted), timed with --time-repeats")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,12 +168,29 @@ def main(argv: list[str] | None = None) -> None:
           f"({b['part_inputs'] / MiB:.1f} of them the parts' inputs), "
           f"+ {b['largest_part'] / MiB:.1f} MiB while the largest part is recomputed for both rows at once, "
           f"{one_row / MiB:.1f} MiB row by row (what memsafe does)")
+    budgets = [int(float(b) * MiB) for b in args.budgets.split(",") if b.strip()]
+    plans: dict[str, CheckpointPlan] = {}
+    if budgets:
+        measured = measured_plan(unet, run, make_x)
+        print("  checkpointing within a budget (memsafe's choice, counted for one image; the floor includes the "
+              "largest recomputation):")
+        for budget in budgets:
+            plan = copy.copy(measured)
+            s = plan.fix(budget, 1)
+            plans[f"budget {budget / MiB:g} MiB"] = plan
+            print(f"    budget {budget / MiB:7g} MiB: {s.kept_parts:2d} of {s.parts} parts keep their activations, "
+                  f"{s.need / MiB:7.1f} MiB kept (floor {s.floor / MiB:.1f}), {s.recomputed_flops:6.1%} of the parts' "
+                  f"FLOPs recomputed")
     if args.time_repeats:
         with torch.no_grad():
             run(make_x())  # warm-up
-        ratios = backward_cost(unet, run, make_x, args.time_repeats)
-        print(f"  a backward pass costs {statistics.median(ratios):.2f} forward passes (median of "
-              f"{len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)})")
+        parts = checkpoint_blocks(unet)
+        settings: dict[str, Callable[[], AbstractContextManager[object]]] = {
+            "no checkpointing": nullcontext, "every part checkpointed": partial(checkpointed, parts)}
+        settings.update({name: partial(checkpointed, parts, plan) for name, plan in plans.items()})
+        for name, ratios in backward_cost(unet, run, make_x, args.time_repeats, settings).items():
+            print(f"  {name}: a backward pass costs {statistics.median(ratios):.2f} forward passes (median of "
+                  f"{len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ recomputes one block at a time, one model row at a time when the weights are fro
 ``torch.utils.checkpoint``, non-reentrant, the whole call). The gradients are the same numbers up to float
 round-off (a batch of one row may round differently); the cost is about one more forward per iteration.
 
+Between all and nothing, a :class:`CheckpointPlan` checkpoints only what does not fit in a memory budget (given,
+or taken from the device's free memory): measured in the first iteration, the parts that keep the fewest bytes for
+their FLOPs keep their activations, the rest is recomputed (SD1.5 at 4x64x64 fp32, one image: every part
+recomputed keeps 414 MiB; 1000 MiB lets 28 of 44 parts keep theirs and recomputes 49% of the FLOPs;
+`python -m bench saved --budgets ...`).
+
 Freezing is free: hosts leave the UNet's parameters requiring grad (A1111 never switches it off, because it runs
 inference under ``torch.no_grad``). Under autograd every ``Linear`` then also keeps its input for a weight gradient
 that a gradient with respect to the noise never computes; :func:`frozen_parameters` switches that off for the
@@ -17,14 +23,20 @@ Host-free: works on any ``torch.nn.Module`` (A1111/Forge's ldm ``UNetModel``, di
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
+
+_log = logging.getLogger(__name__)
 
 BIG_BLOCK_SHARE = 0.05  # a top-level child with at least this share of the parameters is a block of its own
 # The row-by-row recompute takes as many rows at once as fit in this many bytes of a part's first input: splitting
@@ -61,12 +73,16 @@ def _parts(block: nn.Module) -> list[nn.Module]:
     return parts or [block]
 
 
-def _checkpointing_forward(block: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+def _checkpointing_forward(block: nn.Module, original: Callable[..., Any], plan: CheckpointPlan | None,
+                           position: int) -> Callable[..., Any]:
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # sampling and other forward-only calls: untouched
             return original(*args, **kwargs)
+        if plan is not None and position in plan.keep:  # the plan lets this part keep its activations
+            return original(*args, **kwargs)
         if not block.training and not any(p.requires_grad for p in block.parameters()):
-            return _RecomputeByRows.run(original, args, kwargs)
+            measure = plan.recorder(position) if plan is not None else None
+            return _RecomputeByRows.run(original, args, kwargs, measure)
         # weight gradients wanted, or a block in training mode (dropout): torch's checkpoint, which keeps the
         # RNG state and accumulates weight gradients
         return checkpoint(original, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
@@ -89,10 +105,11 @@ class _RecomputeByRows(torch.autograd.Function):
     whole."""
 
     @staticmethod
-    def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+            measure: _PartRecorder | None = None) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-        result: dict[str, Any] = {}
+        result: dict[str, Any] = {"measure": measure}
         outputs = _RecomputeByRows.apply(fn, leaves, spec, at, result, *[leaves[i] for i in at])
         out_leaves = list(result["leaves"])
         for i, t in zip(result["at"], outputs, strict=True):
@@ -103,6 +120,7 @@ class _RecomputeByRows(torch.autograd.Function):
     def forward(ctx: Any, fn: Callable[..., Any], leaves: list[Any], spec: Any, at: list[int],
                 result: dict[str, Any], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.fn, ctx.leaves, ctx.spec, ctx.at = fn, leaves, spec, at
+        ctx.measure = result.pop("measure")
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
@@ -131,7 +149,8 @@ class _RecomputeByRows(torch.autograd.Function):
         for rows in chunks:
             inputs = [(t[rows] if s else t).detach().requires_grad_(n) for t, s, n in zip(tensors, split, need)]
             with torch.enable_grad(), _autocast(ctx.autocast):
-                out = _call(ctx.fn, ctx.leaves, ctx.spec, ctx.at, inputs)
+                run = partial(_call, ctx.fn, ctx.leaves, ctx.spec, ctx.at, inputs)
+                out = ctx.measure.recompute(run, inputs) if ctx.measure is not None else run()
             outputs = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
             pairs = [(o, g[rows]) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
             if not pairs:
@@ -165,17 +184,20 @@ def _autocast(states: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
 
 
 @contextmanager
-def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
+def checkpointed(blocks: Sequence[nn.Module], plan: CheckpointPlan | None = None) -> Iterator[None]:
     """Within the ``with`` block, every module of ``blocks`` recomputes its activations during backward instead of
-    keeping them, whenever autograd records its forward. Each module's ``forward`` is replaced on the instance and
-    restored on exit, also on error. The recomputation calls the original ``forward`` directly: forward hooks of
-    the block itself do not run again (hosts that move weights between devices in hooks, such as A1111's
-    ``--lowvram``, must not use this)."""
+    keeping them, whenever autograd records its forward; with a ``plan`` (made for these ``blocks``), only those
+    it does not let keep them, and the plan measures the parts while it is measuring. Each module's ``forward`` is
+    replaced on the instance and restored on exit, also on error. The recomputation calls the original
+    ``forward`` directly: forward hooks of the block itself do not run again (hosts that move weights between
+    devices in hooks, such as A1111's ``--lowvram``, must not use this)."""
+    if plan is not None and len(plan.blocks) != len(blocks):
+        raise ValueError("memsafe: the checkpoint plan was made for other blocks")
     saved: list[tuple[nn.Module, Any]] = []
     try:
-        for block in blocks:
+        for position, block in enumerate(blocks):
             saved.append((block, block.__dict__.get("forward")))
-            block.forward = _checkpointing_forward(block, block.forward)
+            block.forward = _checkpointing_forward(block, block.forward, plan, position)
         yield
     finally:
         for block, own in reversed(saved):
@@ -183,6 +205,274 @@ def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = own
+
+
+# -- checkpointing under a memory budget ------------------------------------------------------------------------
+# The share of a device's free memory that a budget taken from it gives the backward pass's kept activations: the
+# rest is for what the count does not see (kernel workspaces, the gradients flowing back, the allocator's
+# fragmentation) and for the host.
+FREE_MEMORY_SHARE = 0.75
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: on CUDA the device's free memory plus what torch's caching
+    allocator holds unused; on the CPU the kernel's ``MemAvailable`` (Linux); None where it is not known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _flop_formulas() -> dict[Any, Callable[..., int]]:
+    """torch's FLOP formulas by op (matmuls, convolutions, attention), plus the CPU flash attention, which torch's
+    table leaves out. Empty if this torch has none (the plan then ranks parts by their bytes alone)."""
+    try:
+        from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
+    except ImportError:
+        return {}
+    formulas = dict(flop_registry)
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        def cpu_sdpa(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            return sdpa_flop_count(query, key, value)
+
+        formulas[cpu_flash] = shape_wrapper(cpu_sdpa)
+    return formulas
+
+
+class _FlopCount(TorchDispatchMode):
+    """Counts the floating-point operations of the ops that run inside it (no module hooks, nothing kept)."""
+
+    formulas: dict[Any, Callable[..., int]] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        if _FlopCount.formulas is None:
+            _FlopCount.formulas = _flop_formulas()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = (self.formulas or {}).get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def storage_key(t: torch.Tensor) -> tuple[int, str]:
+    """A tensor's storage: its address and device (views of one storage share it)."""
+    return t.untyped_storage().data_ptr(), str(t.device)
+
+
+class SavedBytes:
+    """Bytes of the distinct storages that autograd packs for backward inside :meth:`hooks`, each storage counted
+    once, those in ``skip`` (by :func:`storage_key`) not at all."""
+
+    def __init__(self, skip: set[tuple[int, str]] | None = None) -> None:
+        self.skip = skip or set()
+        self.storages: dict[tuple[int, str], int] = {}
+
+    @classmethod
+    def excluding_weights(cls, model: nn.Module) -> SavedBytes:
+        return cls({storage_key(p) for p in model.parameters()})
+
+    def add(self, t: torch.Tensor) -> None:
+        key = storage_key(t)
+        if key not in self.skip:
+            self.storages[key] = t.untyped_storage().nbytes()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.add(t)
+        return t
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+@dataclass
+class PartCost:
+    """One part, per image of the per-sample batch, as measured when the backward pass recomputed it: ``kept``,
+    the bytes its activations keep for backward when it is not checkpointed (its inputs and the weights are kept
+    either way and not counted), and ``flops``, what its forward (so its recomputation) costs; ``peak``: the most
+    bytes one recomputation held at its turn (for its whole call or row chunk, not per image)."""
+
+    kept: float = 0.0
+    flops: float = 0.0
+    peak: int = 0
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a :class:`CheckpointPlan` chose. Bytes are counts of what autograd keeps for one model call of
+    ``images`` images (transient buffers not included)."""
+
+    budget: int | None  # bytes the choice had to fit in; None: no limit known (every part keeps its activations)
+    images: int  # images per model call the choice was made for
+    parts: int
+    kept_parts: int  # parts that keep their activations (not recomputed)
+    need: int  # bytes the choice keeps: the floor plus the kept parts' activations
+    floor: int  # bytes kept with every part checkpointed (parts' inputs, layers between, one recomputation)
+    recomputed_flops: float  # share of the parts' forward FLOPs that each backward pass recomputes, 0..1
+    kept: tuple[int, ...] = ()  # positions (in the plan's blocks) of the parts that keep their activations
+
+
+class _PartRecorder:
+    """Measures one part's recomputation for the plan: bytes saved for backward and FLOPs."""
+
+    def __init__(self, plan: CheckpointPlan, position: int) -> None:
+        self.plan, self.position = plan, position
+
+    def recompute(self, run: Callable[[], Any], inputs: Sequence[torch.Tensor]) -> Any:
+        saved = SavedBytes(self.plan.weights | {storage_key(t) for t in inputs})
+        flops = _FlopCount()
+        try:
+            with saved.hooks(), flops:
+                out = run()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # an op that the FLOP count cannot follow: run it uncounted
+            _log.debug("memsafe: FLOPs of a checkpointed part not counted (%s)", error)
+            saved = SavedBytes(saved.skip)
+            flops = _FlopCount()
+            with saved.hooks():
+                out = run()
+        self.plan.record(self.position, saved.total, flops.total)
+        return out
+
+
+class CheckpointPlan:
+    """Which parts of a UNet are checkpointed, chosen under a memory budget (``adjust_noise(...,
+    checkpointing="budget")``): as few as the budget allows, so the backward pass recomputes as little as it can.
+
+    While ``measuring``, every part is checkpointed and each part's recomputation in the backward pass records,
+    per image, the bytes the part keeps when it is not checkpointed and its FLOPs (exact counts: the saved tensors'
+    storages, torch's FLOP formulas); what stays kept with every part checkpointed (their inputs, the layers
+    between them) is counted in the forward (:meth:`chunk`). :meth:`decide` then lets the parts with the most
+    FLOPs per kept byte keep their activations while the count stays within the budget: SD1.5's low-resolution
+    parts first (a level down, the same convolution FLOPs keep half the bytes), its 64x64 attention last. The
+    choice depends on the model, the shapes and the budget only: an explicit budget gives reproducible results.
+    One plan per ``adjust_noise`` call, made for ``blocks`` (:func:`checkpoint_blocks` of ``model``)."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], budget: int | None = None) -> None:
+        self.blocks = list(blocks)
+        self.budget = budget
+        self.weights = {storage_key(p) for p in model.parameters()}
+        self.keep: frozenset[int] = frozenset()
+        self.measuring = True
+        self.summary: PlanSummary | None = None
+        self.costs: dict[int, PartCost] = {}
+        self._base = 0.0  # bytes kept with every part checkpointed, summed over the measured images
+        self._images = 0  # images measured
+        self._call_images = 0  # the most images in one measured model call
+        self._pending: tuple[SavedBytes, dict[int, PartCost]] | None = None
+
+    def begin_iteration(self) -> None:
+        """Start measuring afresh (an iteration retried after an out-of-memory error measures again)."""
+        if self.measuring:
+            self.costs, self._base, self._images, self._call_images = {}, 0.0, 0, 0
+
+    def recorder(self, position: int) -> _PartRecorder | None:
+        return _PartRecorder(self, position) if self.measuring and self._pending is not None else None
+
+    def record(self, position: int, kept: int, flops: int) -> None:
+        if self._pending is None:
+            return
+        cost = self._pending[1].setdefault(position, PartCost())
+        cost.kept += kept
+        cost.flops += flops
+        cost.peak = max(cost.peak, kept)
+
+    @contextmanager
+    def chunk(self, images: int) -> Iterator[None]:
+        """Around one model call's forward and backward pass (``images`` images) while measuring: counts what the
+        forward keeps, and takes the parts' measurements if the backward pass ran (it does not when every image
+        of the call has stopped)."""
+        if not self.measuring:
+            yield
+            return
+        base = SavedBytes(self.weights)
+        self._pending = (base, {})
+        try:
+            with base.hooks():
+                yield
+            parts = self._pending[1]
+            if parts:
+                self._base += base.total
+                self._images += images
+                self._call_images = max(self._call_images, images)
+                for position, measured in parts.items():
+                    cost = self.costs.setdefault(position, PartCost())
+                    cost.kept += measured.kept
+                    cost.flops += measured.flops
+                    cost.peak = max(cost.peak, measured.peak)
+        finally:
+            self._pending = None
+
+    def decide(self, device: torch.device) -> PlanSummary | None:
+        """Choose the parts that keep their activations from the measurements (None while nothing is measured).
+        The budget is the one given, else :data:`FREE_MEMORY_SHARE` of :func:`free_memory` now."""
+        if not self.measuring or self._images == 0:
+            return None
+        budget = self.budget
+        if budget is None:
+            free = free_memory(device)
+            budget = None if free is None else int(FREE_MEMORY_SHARE * free)
+        s = self.fix(budget, self._call_images)
+        limit = "no known memory limit" if s.budget is None else f"a budget of {s.budget / 2**20:.0f} MiB"
+        below = s.budget is not None and s.budget < s.floor
+        _log.info("memsafe: activation checkpointing within %s%s: %d of %d UNet parts keep their activations "
+                  "(%.0f MiB kept for %d image(s) per call, %.0f MiB with every part recomputed); the backward pass "
+                  "recomputes %.0f%% of the parts' FLOPs", limit, " (below what recomputing every part needs)"
+                  if below else "", s.kept_parts, s.parts, s.need / 2**20, s.images, s.floor / 2**20,
+                  100 * s.recomputed_flops)
+        return self.summary
+
+    def fix(self, budget: int | None, images: int) -> PlanSummary:
+        """:meth:`choose` and keep to that choice from now on (measuring ends)."""
+        self.summary = self.choose(budget, images)
+        self.keep = frozenset(self.summary.kept)
+        self.measuring = False
+        return self.summary
+
+    def choose(self, budget: int | None, images: int) -> PlanSummary:
+        """The parts that keep their activations within ``budget`` bytes for calls of ``images`` images (greedy
+        by FLOPs per kept byte; a part that does not fit is skipped, a smaller one after it may fit). The floor
+        counts the largest recomputation of any part: conservative, since a kept part is not recomputed."""
+        per_image = self._base / max(1, self._images)
+        kept = {i: c.kept / self._images for i, c in self.costs.items()}
+        floor = int(per_image * images) + max((c.peak for c in self.costs.values()), default=0)
+        order = sorted(self.costs, key=lambda i: (self.costs[i].flops + 1) / (kept[i] + 1), reverse=True)
+        need, chosen = floor, []
+        for i in order:
+            extra = int(kept[i] * images)
+            if budget is None or need + extra <= budget:
+                chosen.append(i)
+                need += extra
+        total = sum(c.flops for c in self.costs.values())
+        recomputed = sum(c.flops for i, c in self.costs.items() if i not in chosen)
+        share = recomputed / total if total else (len(self.costs) - len(chosen)) / max(1, len(self.costs))
+        return PlanSummary(budget, images, len(self.blocks), len(chosen), need, floor, share, tuple(sorted(chosen)))
+
+    def drop(self) -> None:
+        """Every part checkpointed from now on (after an out-of-memory error with the plan's choice)."""
+        self.keep = frozenset()
+        self.measuring = False
+        if self.summary is not None:
+            self.summary = PlanSummary(self.summary.budget, self.summary.images, self.summary.parts, 0,
+                                       self.summary.floor, self.summary.floor, 1.0)
 
 
 @contextmanager
@@ -202,4 +492,5 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-__all__ = ["checkpoint_blocks", "checkpointed", "frozen_parameters"]
+__all__ = ["CheckpointPlan", "PlanSummary", "SavedBytes", "checkpoint_blocks", "checkpointed", "free_memory",
+           "frozen_parameters", "storage_key"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .checkpointing import checkpoint_blocks, checkpointed, frozen_parameters
+from .checkpointing import CheckpointPlan, PlanSummary, checkpoint_blocks, checkpointed, frozen_parameters
 from .config import MitigationConfig, ScaledParams
 from .errors import GuidanceError, InputError, Interrupted
 from .guidance import GuidanceFn
@@ -58,6 +58,7 @@ class AdjustResult:
     scaled: ScaledParams  # rho, target and risk threshold at this latent size
     risk: Tensor | None = None  # auto mode: the risk score of every image
     uncond_images: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [B] bool
+    checkpoint_plan: PlanSummary | None = None  # per-sample with checkpointing under a budget: what it chose
 
     def still_at_risk(self) -> Tensor:
         """[B] bool: images whose measured norm after adjustment is still above what their method aims for (the
@@ -159,28 +160,69 @@ class _Evaluator:
 
 
 class _Recompute:
-    """Whether the per-sample backward recomputes activations block by block (:mod:`memsafe.checkpointing`):
-    ``always``, ``never``, or ``on_oom``: from the first CUDA out-of-memory error on."""
+    """Whether and where the per-sample backward recomputes activations (:mod:`memsafe.checkpointing`):
+    ``always`` every part of the UNet; ``budget`` as few parts as ``budget`` bytes allow (a
+    :class:`~memsafe.checkpointing.CheckpointPlan`: the first iteration recomputes every part and measures them,
+    the next ones keep what fits); ``never``; or ``on_oom``: nothing until a CUDA out-of-memory error, then a
+    plan within the free memory, after a second error every part."""
 
-    def __init__(self, model: torch.nn.Module | None, mode: str) -> None:
+    def __init__(self, model: torch.nn.Module | None, mode: str, budget: int | None) -> None:
         self.model = model
         self.mode = mode
-        self.on = mode == "always" and model is not None
+        self.budget = budget
+        self.on = mode in ("always", "budget") and model is not None
         self._blocks: list[torch.nn.Module] | None = None
+        self.plan: CheckpointPlan | None = None
+        if self.on and mode == "budget":
+            self.plan = self._new_plan()
+
+    def _parts(self) -> list[torch.nn.Module]:
+        assert self.model is not None
+        if self._blocks is None:  # found once, when first needed (not on the calls that never need them)
+            self._blocks = checkpoint_blocks(self.model)
+        return self._blocks
+
+    def _new_plan(self) -> CheckpointPlan:
+        assert self.model is not None
+        return CheckpointPlan(self.model, self._parts(), self.budget)
 
     def context(self) -> AbstractContextManager[None]:
         if not self.on or self.model is None:
             return nullcontext()
-        if self._blocks is None:  # found once, when first needed (not on the calls that never need them)
-            self._blocks = checkpoint_blocks(self.model)
-        return checkpointed(self._blocks)
+        return checkpointed(self._parts(), self.plan)
 
-    def escalate(self) -> bool:
-        """Switch checkpointing on after an out-of-memory error; False when it is already on or not allowed."""
-        if self.on or self.mode == "never" or self.model is None:
-            return False
-        self.on = True
-        return True
+    def begin_iteration(self) -> None:
+        if self.on and self.plan is not None:
+            self.plan.begin_iteration()
+
+    def call(self, images: int) -> AbstractContextManager[None]:
+        """Around one model call's forward and backward pass: the plan measures it while it is measuring."""
+        if not self.on or self.plan is None:
+            return nullcontext()
+        return self.plan.chunk(images)
+
+    def end_iteration(self, device: torch.device) -> None:
+        if self.on and self.plan is not None:
+            self.plan.decide(device)
+
+    def escalate(self) -> str | None:
+        """The next step after an out-of-memory error: ``"plan"`` (checkpointing from now on, within the free
+        memory), ``"all"`` (every part, when a plan's choice did not fit), or None (nothing left to recompute:
+        the caller splits the batch)."""
+        if self.mode == "never" or self.model is None:
+            return None
+        if not self.on:
+            self.on = True
+            self.plan = self._new_plan()
+            return "plan"
+        if self.plan is not None and self.plan.keep:
+            self.plan.drop()
+            return "all"
+        return None
+
+    @property
+    def summary(self) -> PlanSummary | None:
+        return self.plan.summary if self.plan is not None else None
 
 
 # -- the methods -----------------------------------------------------------------------------------------------
@@ -256,14 +298,21 @@ def _per_sample(
         while True:
             try:
                 grad.zero_()
+                recompute.begin_iteration()
                 with recompute.context():
                     norms, keep = _norms_and_gradients(z_rows, live, index, ev, config, scaled, steps, grad, it,
-                                                       chunk)
+                                                       chunk, recompute)
+                recompute.end_iteration(device)
                 break
             except torch.cuda.OutOfMemoryError:
-                if config.gradient == "autograd" and recompute.escalate():
+                step = recompute.escalate() if config.gradient == "autograd" else None
+                if step == "plan":
                     _log.warning("memsafe: CUDA out of memory in the per-sample backward pass; recomputing the "
-                                 "UNet's activations from now on (activation checkpointing: same result, slower)")
+                                 "UNet's activations from now on, as few as the free memory allows (activation "
+                                 "checkpointing: same result, slower)")
+                elif step == "all":
+                    _log.warning("memsafe: CUDA out of memory in the per-sample backward pass; recomputing all of "
+                                 "the UNet's activations from now on")
                 else:
                     if chunk == 1:
                         raise
@@ -318,6 +367,7 @@ def _norms_and_gradients(
     grad: Tensor,
     it: int,
     chunk: int,
+    recompute: _Recompute,
 ) -> tuple[Tensor, Tensor]:
     """Norms of the ``live`` images and whether each goes on; writes the gradient of those that go on into
     ``grad`` (rows of ``z_rows``). Works through ``live`` in chunks of ``chunk`` images."""
@@ -327,17 +377,18 @@ def _norms_and_gradients(
         everyone = torch.ones_like(rows, dtype=torch.bool)
         if config.gradient == "autograd":
             z_live = z_rows.index_select(0, rows).requires_grad_(True)
-            with torch.enable_grad():
-                outputs = ev.pair(z_live, images)
-            d = ops.guidance_diff_norm(outputs[0].detach(), outputs[1].detach(), active=everyone)
-            _check_finite(d.norms, images, f"per-sample iteration {it}")
-            keep = ops.stop_test(d.norms, steps.index_select(0, rows), everyone, scaled.target,
-                                 config.max_iterations)
-            if bool(keep.any()):
-                assert d.seed is not None
-                seed = d.seed * keep.view(-1, 1, 1, 1).to(d.seed.dtype)
-                grad.index_copy_(0, rows, ev.vjp(z_live, outputs, seed, int(keep.sum())))
-            del outputs, z_live
+            with recompute.call(rows.numel()):
+                with torch.enable_grad():
+                    outputs = ev.pair(z_live, images)
+                d = ops.guidance_diff_norm(outputs[0].detach(), outputs[1].detach(), active=everyone)
+                _check_finite(d.norms, images, f"per-sample iteration {it}")
+                keep = ops.stop_test(d.norms, steps.index_select(0, rows), everyone, scaled.target,
+                                     config.max_iterations)
+                if bool(keep.any()):
+                    assert d.seed is not None
+                    seed = d.seed * keep.view(-1, 1, 1, 1).to(d.seed.dtype)
+                    grad.index_copy_(0, rows, ev.vjp(z_live, outputs, seed, int(keep.sum())))
+                del outputs, z_live
         else:
             z_live = z_rows.index_select(0, rows)
             d = ev.diff_norm(z_live, images, f"per-sample iteration {it}", active=everyone)
@@ -371,7 +422,7 @@ def risk_score(z: Tensor, guidance: GuidanceFn) -> Tensor:
     return _Evaluator(guidance, z32, Evaluations()).diff_norm(z32, index, "risk score").norms.cpu()
 
 
-CHECKPOINTING = ("on_oom", "always", "never")
+CHECKPOINTING = ("on_oom", "always", "never", "budget")
 
 
 def adjust_noise(
@@ -385,6 +436,7 @@ def adjust_noise(
     max_batch: int | None = None,
     model: torch.nn.Module | None = None,
     checkpointing: str = "on_oom",
+    memory_budget: int | None = None,
 ) -> AdjustResult:
     """Adjust the initial noise ``z`` ([B, C, H, W], unit variance) per ``config.method``.
 
@@ -402,8 +454,12 @@ def adjust_noise(
     requiring grad while the noise is adjusted (same gradients; no activations kept for weight gradients; restored
     afterwards), and its activations can be recomputed block by block instead of kept
     (:mod:`memsafe.checkpointing`: less than half the backward pass's extra memory, about one more forward per
-    iteration, the same results up to round-off): ``checkpointing="always"``, ``"never"``, or ``"on_oom"``
-    (default: from the first CUDA out-of-memory error on, before the batch is halved).
+    iteration, the same results up to round-off): ``checkpointing="always"``, ``"never"``, ``"budget"`` (only as
+    many parts as ``memory_budget`` bytes of kept activations per model call require, else as the device's free
+    memory does: the first iteration recomputes every part and measures them, the next ones recompute the rest,
+    :attr:`AdjustResult.checkpoint_plan` says what was chosen), or ``"on_oom"`` (default: nothing until the first
+    CUDA out-of-memory error, then as ``"budget"``, after a second one every part, and only then is the batch
+    halved).
     Identical inputs give bit-identical outputs on the same device. Afterwards, a denoiser-based guidance's
     :attr:`~memsafe.Guidance.last_call` is the sampler's first model call when every image was last evaluated at
     its returned noise in one call of the whole batch (auto leaving the noise unchanged, per-sample images all
@@ -416,9 +472,15 @@ def adjust_noise(
         raise InputError(f"memsafe: checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}")
     if model is not None and not isinstance(model, torch.nn.Module):
         raise InputError(f"memsafe: model must be a torch.nn.Module, got {type(model).__name__}")
-    if checkpointing == "always" and model is None:
-        raise InputError("memsafe: checkpointing='always' needs model (the UNet the guidance runs)")
-    recompute = _Recompute(model, checkpointing)
+    if checkpointing in ("always", "budget") and model is None:
+        raise InputError(f"memsafe: checkpointing={checkpointing!r} needs model (the UNet the guidance runs)")
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+            raise InputError(f"memsafe: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        if checkpointing not in ("budget", "on_oom"):
+            raise InputError(f"memsafe: memory_budget applies to checkpointing='budget' or 'on_oom', not "
+                             f"{checkpointing!r}")
+    recompute = _Recompute(model, checkpointing, memory_budget)
     batch = z.shape[0]
     scaled = config.scaled(z[0].numel())
     evaluations = Evaluations()
@@ -498,7 +560,8 @@ def adjust_noise(
     if untouched:  # bit-identical, whatever the dtype round trip would do
         adjusted[untouched] = z.detach()[untouched]
     return AdjustResult(
-        adjusted, norm_before, norm_after, iterations, evaluations, applied, scaled, risk, uncond_images
+        adjusted, norm_before, norm_after, iterations, evaluations, applied, scaled, risk, uncond_images,
+        recompute.summary,
     )
 
 

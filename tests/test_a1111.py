@@ -469,7 +469,7 @@ def test_noise_cache_is_bounded():
     assert math.isnan(a1111.ImageRecord("batch_wise", 2.0).risk_after)
 
 
-def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, script, unet, monkeypatch):
+def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, script, unet, monkeypatch, caplog):
     import types
 
     import memsafe.checkpointing as ckpt
@@ -478,16 +478,21 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
     recomputed = []
     original = ckpt._RecomputeByRows.run  # the weights are frozen while adjusting: the row-by-row recompute
     monkeypatch.setattr(ckpt._RecomputeByRows, "run", staticmethod(
-        lambda fn, args, kwargs: recomputed.append(fn) or original(fn, args, kwargs)))
+        lambda fn, args, kwargs, measure=None: recomputed.append(fn) or original(fn, args, kwargs, measure)))
     host.shared.opts.memsafe_cache_size = 0
+    host.shared.opts.memsafe_memory_budget_mb = 1  # below what recomputing every part needs: every part
     images = {}
-    for mode in ("never", "always", "on_oom"):
+    for mode in ("never", "always", "on_oom", "budget"):
         host.shared.opts.memsafe_checkpointing = mode
         recomputed.clear()
-        _, images[mode] = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
-        assert bool(recomputed) == (mode == "always"), mode
+        caplog.clear()
+        with caplog.at_level("INFO", logger="memsafe"):
+            _, images[mode] = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
+        assert bool(recomputed) == (mode in ("always", "budget")), mode
+        assert ("within a budget of 1 MiB" in caplog.text) == (mode == "budget"), mode
         assert all("forward" not in b.__dict__ for b in ckpt.checkpoint_blocks(unet))
-    torch.testing.assert_close(images["always"].images, images["never"].images, rtol=1e-4, atol=1e-4)
+    for mode in ("always", "budget"):
+        torch.testing.assert_close(images[mode].images, images["never"].images, rtol=1e-4, atol=1e-4)
     # --lowvram: per-block device hooks would not run on recompute, so nothing is checkpointed (the weights are
     # still frozen while adjusting: that needs no hook)
     host.shared.opts.memsafe_checkpointing = "always"
@@ -499,6 +504,13 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
     _, lowvram = run(sd_model, script, on("per_sample"), batch_size=2, seed=40)
     assert not recomputed and a1111.checkpointing_setting() == "never" and frozen_seen == [unet]
     torch.testing.assert_close(lowvram.images, images["never"].images, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_budget_setting(host):
+    for value, expected in ((0, None), (512, 512 * 2**20), (0.5, 2**19), (-1, None), ("abc", None),
+                            (float("nan"), None), (float("inf"), None), (None, None)):
+        host.shared.opts.memsafe_memory_budget_mb = value
+        assert a1111.memory_budget() == expected, value
 
 
 def test_images_per_call_setting_caps_the_per_sample_model_calls(host, sd_model, script, monkeypatch):

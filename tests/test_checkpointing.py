@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from memsafe import InputError, MitigationConfig, adjust_noise
-from memsafe.checkpointing import checkpoint_blocks, checkpointed, frozen_parameters
+from memsafe.checkpointing import (
+    CheckpointPlan,
+    SavedBytes,
+    checkpoint_blocks,
+    checkpointed,
+    free_memory,
+    frozen_parameters,
+)
 
 
 def kept_bytes(fn):
@@ -204,6 +211,13 @@ def test_checkpointing_argument_is_checked(guidance, batch, unet):
         adjust_noise(z, guidance, cfg, checkpointing="always")
     with pytest.raises(InputError, match="model must be a torch.nn.Module, got str"):
         adjust_noise(z, guidance, cfg, model="unet")
+    with pytest.raises(InputError, match="checkpointing='budget' needs model"):
+        adjust_noise(z, guidance, cfg, checkpointing="budget")
+    for bad in (0, -5, True, 1.5, "1G"):
+        with pytest.raises(InputError, match="memory_budget must be a positive number of bytes"):
+            adjust_noise(z, guidance, cfg, model=unet, checkpointing="budget", memory_budget=bad)
+    with pytest.raises(InputError, match="memory_budget applies to checkpointing='budget' or 'on_oom'"):
+        adjust_noise(z, guidance, cfg, model=unet, checkpointing="always", memory_budget=2**20)
 
 
 class OutOfMemoryAbove(GuidanceProbe):
@@ -240,3 +254,167 @@ def test_out_of_memory_turns_checkpointing_on_before_halving_the_batch(guidance,
     assert "1 image(s) per model call" in caplog.text
     with pytest.raises(torch.cuda.OutOfMemoryError):
         adjust_noise(z, OutOfMemoryAbove(guidance, unet, 0, []), cfg, model=unet, checkpointing="never")
+
+
+# -- checkpointing under a memory budget -----------------------------------------------------------------------
+def per_sample_config(guidance, z, iterations=4):
+    norms = guidance(z).flatten(1).norm(dim=1).detach()
+    return MitigationConfig(method="per_sample", target=float(norms.min()) * 0.5, lr=0.05, optimizer="polyak",
+                            max_step=0.02, max_iterations=iterations, scale_with_size=False)
+
+
+def measured_plan(guidance, z, unet):
+    """A plan that measured every part in one forward + backward pass of the batch (as adjust_noise's first
+    iteration does)."""
+    plan = CheckpointPlan(unet, checkpoint_blocks(unet))
+    x = z.clone().requires_grad_(True)
+    with frozen_parameters(unet), checkpointed(plan.blocks, plan), plan.chunk(z.shape[0]), torch.enable_grad():
+        torch.autograd.grad(guidance(x).norm(), [x])
+    return plan
+
+
+def forward_kept_bytes(guidance, z, unet, plan):
+    """Bytes (distinct storages, weights excluded) that one autograd forward keeps with ``plan``'s choice."""
+    saved = SavedBytes.excluding_weights(unet)
+    x = z.clone().requires_grad_(True)
+    with frozen_parameters(unet), checkpointed(plan.blocks, plan), torch.enable_grad(), saved.hooks():
+        guidance(x).norm()  # as measured_plan's pass
+    return saved.total
+
+
+def test_budget_plan_keeps_what_fits_and_its_count_bounds_what_autograd_keeps(guidance, batch, unet):
+    z, *_ = batch
+    plan = measured_plan(guidance, z, unet)
+    assert len(plan.costs) == len(plan.blocks) and all(c.flops > 0 for c in plan.costs.values())
+    everything = plan.choose(2**40, 3)
+    floor = plan.choose(1, 3)
+    assert (everything.kept_parts, everything.recomputed_flops) == (everything.parts, 0.0)
+    assert (floor.kept_parts, floor.recomputed_flops, floor.need) == (0, 1.0, floor.floor)
+    half = plan.choose((floor.floor + everything.need) // 2, 3)
+    assert 0 < half.kept_parts < half.parts and 0 < half.recomputed_flops < 1
+    assert floor.floor <= half.need <= half.budget
+    largest_recompute = max(c.peak for c in plan.costs.values())
+    for budget, summary in ((1, floor), (half.budget, half), (2**40, everything)):
+        plan.fix(budget, 3)
+        kept = forward_kept_bytes(guidance, z, unet, plan)
+        # the count is what the forward keeps (the floor exactly: the same tensors), never less
+        assert kept <= summary.need - largest_recompute, (budget, kept, summary)
+        if summary is floor:
+            assert kept == floor.need - largest_recompute
+    # fewer images per call: proportionally less of everything but the one recomputation
+    assert plan.choose(2**40, 1).need < everything.need
+
+
+def test_budget_plan_recomputes_the_parts_with_the_least_flops_per_kept_byte(guidance, batch, unet):
+    z, *_ = batch
+    plan = measured_plan(guidance, z, unet)  # measured for 3 images: costs are the bytes/FLOPs of a 3-image call
+    position = {id(b): i for i, b in enumerate(plan.blocks)}
+    low, high = position[id(unet.mid_block.resnets[0])], position[id(unet.down_blocks[0].resnets[0])]
+    # the same convolution FLOPs at 4x4x64 as at 8x8x32, half the bytes: the low resolution is the better keep
+    assert plan.costs[low].flops / plan.costs[low].kept > 1.5 * plan.costs[high].flops / plan.costs[high].kept
+    floor, full = plan.choose(1, 3).floor, plan.choose(2**40, 3).need
+    seen_low_only = False
+    for budget in range(floor, full + 2**12, 2**12):
+        s = plan.choose(budget, 3)
+        assert s.need <= budget
+        for i in set(plan.costs) - set(s.kept):  # nothing recomputed would still have fitted
+            assert s.need + int(plan.costs[i].kept) > budget, (budget, i)
+        assert high not in s.kept or low in s.kept
+        seen_low_only |= low in s.kept and high not in s.kept
+    assert seen_low_only
+    # a strided convolution keeps nothing but its input: kept by any budget that covers the floor
+    downsamplers = [i for i, b in enumerate(plan.blocks) if type(b).__name__ == "Downsample2D"]
+    assert downsamplers and all(plan.costs[i].kept == 0 for i in downsamplers)
+    assert set(downsamplers) <= set(plan.choose(floor, 3).kept)
+
+
+def test_per_sample_with_a_budget_gives_the_same_noise_and_reports_its_choice(guidance, batch, unet, caplog):
+    z, *_ = batch
+    cfg = per_sample_config(guidance, z)
+    plain = adjust_noise(z, guidance, cfg, model=unet, checkpointing="never")
+    assert plain.checkpoint_plan is None and plain.iterations.min() >= 2
+    plan = measured_plan(guidance, z, unet)
+    floor, full = plan.choose(1, 3), plan.choose(2**40, 3)
+    for budget, kept_parts in ((1, 0), ((floor.floor + full.need) // 2, None), (2**40, full.parts)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="memsafe"):
+            res = adjust_noise(z, guidance, cfg, model=unet, checkpointing="budget", memory_budget=budget)
+        s = res.checkpoint_plan
+        assert s is not None and s.budget == budget and s.images == 3
+        assert s.kept_parts == kept_parts if kept_parts is not None else 0 < s.kept_parts < s.parts
+        assert f"{s.kept_parts} of {s.parts} UNet parts keep their activations" in caplog.text
+        assert ("below what recomputing every part needs" in caplog.text) == (budget == 1)
+        torch.testing.assert_close(res.z, plain.z, rtol=1e-3, atol=1e-4)  # recomputed: round-off only
+        assert res.iterations.tolist() == plain.iterations.tolist()
+        assert all("forward" not in b.__dict__ for b in checkpoint_blocks(unet))
+
+
+class OutOfMemoryAt(GuidanceProbe):
+    """Its autograd forwards number ``at`` (1-based) run out of (pretend) CUDA memory."""
+
+    def __init__(self, inner, unet, at, log):
+        super().__init__(inner, unet, log)
+        self.at, self.calls = set(at), 0
+
+    def probe(self, z):
+        if torch.is_grad_enabled() and z.requires_grad:
+            self.calls += 1
+            if self.calls in self.at:
+                raise torch.cuda.OutOfMemoryError("pretend: CUDA out of memory")
+
+
+def test_out_of_memory_plans_within_the_free_memory_then_recomputes_everything(guidance, batch, unet, caplog,
+                                                                               monkeypatch):
+    import memsafe.checkpointing as ckpt
+
+    z, *_ = batch
+    cfg = per_sample_config(guidance, z)
+    expected = adjust_noise(z, guidance, cfg, model=unet, checkpointing="never")
+    monkeypatch.setattr(ckpt, "free_memory", lambda device: 2**40)  # plenty free after the first error
+    res = adjust_noise(z, OutOfMemoryAt(guidance, unet, {1}, []), cfg, model=unet)  # on_oom
+    assert "as few as the free memory allows" in caplog.text
+    s = res.checkpoint_plan
+    assert s is not None and s.budget == int(ckpt.FREE_MEMORY_SHARE * 2**40) and s.kept_parts == s.parts
+    torch.testing.assert_close(res.z, expected.z, rtol=1e-3, atol=1e-4)
+    # the plan's choice did not fit after all (forward 3: the iteration after the measured one): every part
+    caplog.clear()
+    res = adjust_noise(z, OutOfMemoryAt(guidance, unet, {1, 3}, []), cfg, model=unet)
+    assert "recomputing all of the UNet's activations" in caplog.text
+    assert res.checkpoint_plan is not None and res.checkpoint_plan.kept_parts == 0
+    torch.testing.assert_close(res.z, expected.z, rtol=1e-3, atol=1e-4)
+    # an explicit budget is used after the error as well
+    res = adjust_noise(z, OutOfMemoryAt(guidance, unet, {1}, []), cfg, model=unet, memory_budget=1)
+    assert res.checkpoint_plan is not None and res.checkpoint_plan.kept_parts == 0
+    assert res.checkpoint_plan.budget == 1
+
+
+def test_free_memory_and_a_budget_taken_from_it(guidance, batch, unet, monkeypatch):
+    import memsafe.checkpointing as ckpt
+
+    z, *_ = batch
+    cpu = free_memory(torch.device("cpu"))
+    assert cpu is None or cpu > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * 2**20, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 300 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * 2**20)
+    cuda = torch.device("cuda", 0)
+    assert free_memory(cuda) == 1200 * 2**20  # free on the device + cached by torch but unused
+    plan = measured_plan(guidance, z, unet)
+    plan.measuring = True  # as after adjust_noise's first iteration
+    s = plan.decide(cuda)
+    assert s is not None and s.budget == int(ckpt.FREE_MEMORY_SHARE * 1200 * 2**20) and not plan.measuring
+    assert plan.keep == frozenset(s.kept)
+
+
+def test_flop_count_of_a_convolution_and_of_cpu_attention():
+    from memsafe.checkpointing import _FlopCount
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad(), _FlopCount() as count:
+        conv(x)
+    assert count.total == 2 * 2 * 16 * 5 * 5 * 8 * 3 * 3
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    with torch.no_grad(), _FlopCount() as count:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert count.total == 2 * (2 * 2 * 4 * 10 * 6 * 8)  # q k^T and (scores) v, on the CPU kernel too

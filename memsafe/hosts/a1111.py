@@ -70,6 +70,16 @@ def checkpointing_setting() -> str:
     return value if value in methods.CHECKPOINTING else "on_oom"
 
 
+def memory_budget() -> int | None:
+    """Settings > MemSafe > checkpointing budget (MiB) as bytes: None (0 or an invalid value: from the free VRAM
+    at the time) or a positive byte count."""
+    try:
+        value = float(_opt("memsafe_memory_budget_mb", 0))
+    except (TypeError, ValueError):
+        return None
+    return int(value * 2**20) if math.isfinite(value) and value > 0 else None
+
+
 def images_per_call() -> int | None:
     """Settings > MemSafe > images per UNet call for per-sample's model calls: None (0 or an invalid value: the
     whole batch) or a positive count."""
@@ -584,9 +594,10 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         sub = bg.guidance if len(misses) == batch else bg.guidance.select(index)
         unet = unet_of(p.sd_model)
         mode = checkpointing_setting() if unet is not None else "on_oom"  # on_oom without a model: halving only
+        budget = memory_budget() if mode in ("budget", "on_oom") else None
         result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
                                       should_stop=should_stop, measure_after=False, model=unet,
-                                      checkpointing=mode, max_batch=images_per_call())
+                                      checkpointing=mode, memory_budget=budget, max_batch=images_per_call())
         scaled = result.scaled
         for j, i in enumerate(misses):
             applied = result.applied[j]

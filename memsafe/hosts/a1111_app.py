@@ -41,9 +41,15 @@ def on_ui_settings() -> None:
         section=SECTION).info("re-running a seed (another upscaler, another batch) reuses its adjusted noise"))
     add("memsafe_checkpointing", shared.OptionInfo(
         "on_oom", "Per-sample: recompute UNet activations during backprop (activation checkpointing)", gr.Radio,
-        {"choices": ["on_oom", "always", "never"]}, section=SECTION).info(
-        "on_oom: only after a CUDA out-of-memory error; always: lowest VRAM, about one more UNet pass per "
-        "iteration, one image row at a time; the same images up to round-off; not used with --lowvram"))
+        {"choices": ["on_oom", "budget", "always", "never"]}, section=SECTION).info(
+        "on_oom: only after a CUDA out-of-memory error, then as budget; budget: only what does not fit in the "
+        "budget below (the first iteration measures); always: lowest VRAM, about one more UNet pass per "
+        "iteration; the same images up to round-off; not used with --lowvram"))
+    add("memsafe_memory_budget_mb", shared.OptionInfo(
+        0, "Per-sample: VRAM budget for the backward pass's kept activations, MiB (0 = 3/4 of the free VRAM)",
+        gr.Number, {"minimum": 0, "precision": 0}, section=SECTION).info(
+        "checkpointing 'budget' and 'on_oom': the UNet parts that do not fit are recomputed, the cheapest "
+        "recomputation per byte first"))
     add("memsafe_images_per_call", shared.OptionInfo(
         0, "Per-sample: images per UNet call (0 = the whole batch)", gr.Slider,
         {"minimum": 0, "maximum": 16, "step": 1}, section=SECTION).info(
