@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -304,10 +304,10 @@ class SavedBytes:
 
 @dataclass
 class PartCost:
-    """One part, per image of the per-sample batch, as measured when the backward pass recomputed it: ``kept``,
-    the bytes its activations keep for backward when it is not checkpointed (its inputs and the weights are kept
+    """One part, as measured when the backward pass recomputed it, summed over the measured images: ``kept``, the
+    bytes its activations keep for backward when it is not checkpointed (its inputs and the weights are kept
     either way and not counted), and ``flops``, what its forward (so its recomputation) costs; ``peak``: the most
-    bytes one recomputation held at its turn (for its whole call or row chunk, not per image)."""
+    bytes one recomputation held at its turn (for its whole call or row chunk)."""
 
     kept: float = 0.0
     flops: float = 0.0
@@ -471,8 +471,7 @@ class CheckpointPlan:
         self.keep = frozenset()
         self.measuring = False
         if self.summary is not None:
-            self.summary = PlanSummary(self.summary.budget, self.summary.images, self.summary.parts, 0,
-                                       self.summary.floor, self.summary.floor, 1.0)
+            self.summary = replace(self.summary, kept_parts=0, need=self.summary.floor, recomputed_flops=1.0, kept=())
 
 
 @contextmanager
