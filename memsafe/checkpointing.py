@@ -94,6 +94,11 @@ def _row_batched(tensors: Sequence[torch.Tensor], rows: int) -> bool:
     return all(t.dim() > 0 and t.shape[0] == rows for t in tensors)
 
 
+_NON_TENSOR_ARGS = 6  # _RecomputeByRows.forward's arguments before the tensors: fn, leaves, spec, at, result, measure
+# measures one part's recomputation for a CheckpointPlan: (run the part's forward, its inputs) -> its outputs
+Measure = Callable[[Callable[[], Any], Sequence[torch.Tensor]], Any]
+
+
 class _RecomputeByRows(torch.autograd.Function):
     """A checkpointed part whose backward pass recomputes it a few model rows at a time (one row where a row of
     its input holds :data:`RECOMPUTE_CHUNK_BYTES` or more): the largest part's activations are held for one row,
@@ -106,11 +111,11 @@ class _RecomputeByRows(torch.autograd.Function):
 
     @staticmethod
     def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-            measure: _PartRecorder | None = None) -> Any:
+            measure: Measure | None = None) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-        result: dict[str, Any] = {"measure": measure}
-        outputs = _RecomputeByRows.apply(fn, leaves, spec, at, result, *[leaves[i] for i in at])
+        result: dict[str, Any] = {}
+        outputs = _RecomputeByRows.apply(fn, leaves, spec, at, result, measure, *[leaves[i] for i in at])
         out_leaves = list(result["leaves"])
         for i, t in zip(result["at"], outputs, strict=True):
             out_leaves[i] = t
@@ -118,9 +123,8 @@ class _RecomputeByRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, fn: Callable[..., Any], leaves: list[Any], spec: Any, at: list[int],
-                result: dict[str, Any], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.fn, ctx.leaves, ctx.spec, ctx.at = fn, leaves, spec, at
-        ctx.measure = result.pop("measure")
+                result: dict[str, Any], measure: Measure | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.fn, ctx.leaves, ctx.spec, ctx.at, ctx.measure = fn, leaves, spec, at, measure
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
@@ -138,11 +142,11 @@ class _RecomputeByRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[Any, ...]:
         tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[5:]
+        need = ctx.needs_input_grad[_NON_TENSOR_ARGS:]
         grads: list[torch.Tensor | None] = [torch.zeros_like(t) if n else None for t, n in zip(tensors, need)]
         wanted = [i for i, n in enumerate(need) if n]
         if not wanted:
-            return (None,) * (5 + len(tensors))
+            return (None,) * (_NON_TENSOR_ARGS + len(tensors))
         split = [bool(ctx.rows) and t.dim() > 0 and t.shape[0] == ctx.rows for t in tensors]
         step = max(1, RECOMPUTE_CHUNK_BYTES // max(1, ctx.row_bytes)) if ctx.rows else 0
         chunks = [slice(r, r + step) for r in range(0, ctx.rows, step)] if step else [slice(None)]
@@ -150,7 +154,7 @@ class _RecomputeByRows(torch.autograd.Function):
             inputs = [(t[rows] if s else t).detach().requires_grad_(n) for t, s, n in zip(tensors, split, need)]
             with torch.enable_grad(), _autocast(ctx.autocast):
                 run = partial(_call, ctx.fn, ctx.leaves, ctx.spec, ctx.at, inputs)
-                out = ctx.measure.recompute(run, inputs) if ctx.measure is not None else run()
+                out = ctx.measure(run, inputs) if ctx.measure is not None else run()
             outputs = [v for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)]
             pairs = [(o, g[rows]) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
             if not pairs:
@@ -161,7 +165,7 @@ class _RecomputeByRows(torch.autograd.Function):
                 target = grads[i]
                 if g is not None and target is not None:
                     (target[rows] if split[i] else target).add_(g)
-        return (None, None, None, None, None, *grads)
+        return (*(None,) * _NON_TENSOR_ARGS, *grads)
 
 
 def _call(fn: Callable[..., Any], leaves: list[Any], spec: Any, at: list[int],
@@ -313,6 +317,11 @@ class PartCost:
     flops: float = 0.0
     peak: int = 0
 
+    def add(self, kept: float, flops: float, peak: int) -> None:
+        self.kept += kept
+        self.flops += flops
+        self.peak = max(self.peak, peak)
+
 
 @dataclass(frozen=True)
 class PlanSummary:
@@ -322,35 +331,15 @@ class PlanSummary:
     budget: int | None  # bytes the choice had to fit in; None: no limit known (every part keeps its activations)
     images: int  # images per model call the choice was made for
     parts: int
-    kept_parts: int  # parts that keep their activations (not recomputed)
     need: int  # bytes the choice keeps: the floor plus the kept parts' activations
     floor: int  # bytes kept with every part checkpointed (parts' inputs, layers between, one recomputation)
     recomputed_flops: float  # share of the parts' forward FLOPs that each backward pass recomputes, 0..1
     kept: tuple[int, ...] = ()  # positions (in the plan's blocks) of the parts that keep their activations
 
-
-class _PartRecorder:
-    """Measures one part's recomputation for the plan: bytes saved for backward and FLOPs."""
-
-    def __init__(self, plan: CheckpointPlan, position: int) -> None:
-        self.plan, self.position = plan, position
-
-    def recompute(self, run: Callable[[], Any], inputs: Sequence[torch.Tensor]) -> Any:
-        saved = SavedBytes(self.plan.weights | {storage_key(t) for t in inputs})
-        flops = _FlopCount()
-        try:
-            with saved.hooks(), flops:
-                out = run()
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # an op that the FLOP count cannot follow: run it uncounted
-            _log.debug("memsafe: FLOPs of a checkpointed part not counted (%s)", error)
-            saved = SavedBytes(saved.skip)
-            flops = _FlopCount()
-            with saved.hooks():
-                out = run()
-        self.plan.record(self.position, saved.total, flops.total)
-        return out
+    @property
+    def kept_parts(self) -> int:
+        """How many parts keep their activations (are not recomputed)."""
+        return len(self.kept)
 
 
 class CheckpointPlan:
@@ -377,23 +366,33 @@ class CheckpointPlan:
         self._base = 0.0  # bytes kept with every part checkpointed, summed over the measured images
         self._images = 0  # images measured
         self._call_images = 0  # the most images in one measured model call
-        self._pending: tuple[SavedBytes, dict[int, PartCost]] | None = None
+        self._pending: dict[int, PartCost] | None = None  # the measurements of the model call being measured
 
     def begin_iteration(self) -> None:
         """Start measuring afresh (an iteration retried after an out-of-memory error measures again)."""
         if self.measuring:
             self.costs, self._base, self._images, self._call_images = {}, 0.0, 0, 0
 
-    def recorder(self, position: int) -> _PartRecorder | None:
-        return _PartRecorder(self, position) if self.measuring and self._pending is not None else None
+    def recorder(self, position: int) -> Measure | None:
+        """What measures the part at ``position`` when the backward pass recomputes it (None: not measuring)."""
+        return partial(self._measure, position) if self.measuring and self._pending is not None else None
 
-    def record(self, position: int, kept: int, flops: int) -> None:
-        if self._pending is None:
-            return
-        cost = self._pending[1].setdefault(position, PartCost())
-        cost.kept += kept
-        cost.flops += flops
-        cost.peak = max(cost.peak, kept)
+    def _measure(self, position: int, run: Callable[[], Any], inputs: Sequence[torch.Tensor]) -> Any:
+        saved = SavedBytes(self.weights | {storage_key(t) for t in inputs})
+        flops = _FlopCount()
+        try:
+            with saved.hooks(), flops:
+                out = run()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # an op that the FLOP count cannot follow: run it uncounted
+            _log.debug("memsafe: FLOPs of a checkpointed part not counted (%s)", error)
+            saved, flops = SavedBytes(saved.skip), _FlopCount()
+            with saved.hooks():
+                out = run()
+        if self._pending is not None:
+            self._pending.setdefault(position, PartCost()).add(saved.total, flops.total, saved.total)
+        return out
 
     @contextmanager
     def chunk(self, images: int) -> Iterator[None]:
@@ -404,20 +403,17 @@ class CheckpointPlan:
             yield
             return
         base = SavedBytes(self.weights)
-        self._pending = (base, {})
+        parts: dict[int, PartCost] = {}
+        self._pending = parts
         try:
             with base.hooks():
                 yield
-            parts = self._pending[1]
             if parts:
                 self._base += base.total
                 self._images += images
                 self._call_images = max(self._call_images, images)
                 for position, measured in parts.items():
-                    cost = self.costs.setdefault(position, PartCost())
-                    cost.kept += measured.kept
-                    cost.flops += measured.flops
-                    cost.peak = max(cost.peak, measured.peak)
+                    self.costs.setdefault(position, PartCost()).add(measured.kept, measured.flops, measured.peak)
         finally:
             self._pending = None
 
@@ -464,14 +460,14 @@ class CheckpointPlan:
         total = sum(c.flops for c in self.costs.values())
         recomputed = sum(c.flops for i, c in self.costs.items() if i not in chosen)
         share = recomputed / total if total else (len(self.costs) - len(chosen)) / max(1, len(self.costs))
-        return PlanSummary(budget, images, len(self.blocks), len(chosen), need, floor, share, tuple(sorted(chosen)))
+        return PlanSummary(budget, images, len(self.blocks), need, floor, share, tuple(sorted(chosen)))
 
     def drop(self) -> None:
         """Every part checkpointed from now on (after an out-of-memory error with the plan's choice)."""
         self.keep = frozenset()
         self.measuring = False
         if self.summary is not None:
-            self.summary = replace(self.summary, kept_parts=0, need=self.summary.floor, recomputed_flops=1.0, kept=())
+            self.summary = replace(self.summary, need=self.summary.floor, recomputed_flops=1.0, kept=())
 
 
 @contextmanager
