@@ -73,7 +73,7 @@ def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int
 
         def pack(t: Tensor) -> Tensor:
             (running[-1] if running else between).add(t)
-            return t
+            return t.detach()  # not t itself: that would leak the graph (SavedBytes.pack)
 
         handles = [h for part in parts for h in (part.register_forward_pre_hook(enter, with_kwargs=True),
                                                  part.register_forward_hook(leave, with_kwargs=True))]

@@ -295,8 +295,11 @@ class SavedBytes:
             self.storages[key] = t.untyped_storage().nbytes()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Counts ``t`` and keeps it for autograd as a detached alias (the same storage, so the same bytes): the
+        tensor itself would tie an op's saved output to the op's own grad_fn in a cycle that the garbage
+        collector cannot see, and a graph dropped without a backward pass would never be freed."""
         self.add(t)
-        return t
+        return t.detach()
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)

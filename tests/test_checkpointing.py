@@ -2,6 +2,9 @@
 same results with fewer kept bytes."""
 
 import copy
+import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -24,7 +27,7 @@ def kept_bytes(fn):
     def pack(t):
         nonlocal total
         total += t.numel() * t.element_size()
-        return t
+        return t.detach()  # not t itself: that would leak the graph (SavedBytes.pack)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
@@ -418,3 +421,45 @@ def test_flop_count_of_a_convolution_and_of_cpu_attention():
     with torch.no_grad(), _FlopCount() as count:
         torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert count.total == 2 * (2 * 2 * 4 * 10 * 6 * 8)  # q k^T and (scores) v, on the CPU kernel too
+
+
+def live_tensors():
+    """The tensors alive now that the garbage collector knows of (a leaked autograd graph's saved tensors too)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_counting_saved_bytes_leaks_nothing():
+    # A pack hook that returns the tensor it was given makes a cycle the garbage collector cannot see when the
+    # tensor is an output its own op saves (exp, softmax, attention, group norm's statistics): grad_fn -> saved
+    # tensor -> grad_fn. A backward pass breaks it (it frees what it unpacks); a graph dropped without one, as
+    # when every image of a measured call has already stopped, would outlive its last reference.
+    x = torch.randn(1000, requires_grad=True)
+    saved = SavedBytes()
+    with torch.enable_grad(), saved.hooks():
+        y = torch.exp(x).softmax(0)
+        z = torch.exp(x).softmax(0)
+    assert saved.total == 4 * 1000 * 4  # exp's and softmax's outputs, each once per graph
+    (g,) = torch.autograd.grad(y[0], [x])  # unpacks what it saved
+    torch.testing.assert_close(g, torch.autograd.grad(torch.exp(x).softmax(0)[0], [x])[0])
+    ref = weakref.ref(z)
+    del z
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["adjusting", "every-image-already-stopped"])
+def test_a_budget_plan_leaves_no_tensors_alive_after_adjusting(guidance, batch, unet, stopped):
+    # memsafe measures the plan in the first iteration of every adjust_noise call with checkpointing="budget" (and
+    # after an out-of-memory error): whatever that leaks, a long-running WebUI leaks on every generation
+    z, *_ = batch
+    cfg = per_sample_config(guidance, z, iterations=2)
+    if stopped:
+        cfg = dataclasses.replace(cfg, target=float(guidance(z).flatten(1).norm(dim=1).max().detach()) * 2)
+    runs = []
+    for _ in range(3):
+        res = adjust_noise(z, guidance, cfg, model=unet, checkpointing="budget", memory_budget=2**40)
+        assert (res.iterations.max() == 0) == stopped
+        del res
+        runs.append(live_tensors())
+    assert runs[2] == runs[1], runs
