@@ -39,9 +39,10 @@ from torch.utils.checkpoint import checkpoint
 _log = logging.getLogger(__name__)
 
 BIG_BLOCK_SHARE = 0.05  # a top-level child with at least this share of the parameters is a block of its own
-# The row-by-row recompute takes as many rows at once as fit in this many bytes of a part's first input: splitting
-# saves memory where activations are large (SD1.5's 64x64 parts: 5 MiB a row in fp32, one row at a time), while
-# for small ones each extra call only costs time (a kernel launch and its overhead per row).
+# Without a measured plan, the row-by-row recompute takes as many rows at once as fit in this many bytes of a part's
+# first input: splitting saves memory where activations are large (SD1.5's 64x64 parts: 5 MiB a row in fp32, one
+# row at a time), while for small ones each extra call only costs time (a kernel launch and its overhead per row).
+# A measured CheckpointPlan sizes the chunks by what each part's recomputation holds instead (rows_per_chunk).
 RECOMPUTE_CHUNK_BYTES = 4 * 2**20
 
 
@@ -81,8 +82,9 @@ def _checkpointing_forward(block: nn.Module, original: Callable[..., Any], plan:
         if plan is not None and position in plan.keep:  # the plan lets this part keep its activations
             return original(*args, **kwargs)
         if not block.training and not any(p.requires_grad for p in block.parameters()):
-            measure = plan.recorder(position) if plan is not None else None
-            return _RecomputeByRows.run(original, args, kwargs, measure)
+            if plan is None:
+                return _RecomputeByRows.run(original, args, kwargs)
+            return _RecomputeByRows.run(original, args, kwargs, plan.recorder(position), plan.rows_per_chunk(position))
         # weight gradients wanted, or a block in training mode (dropout): torch's checkpoint, which keeps the
         # RNG state and accumulates weight gradients
         return checkpoint(original, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
@@ -94,14 +96,16 @@ def _row_batched(tensors: Sequence[torch.Tensor], rows: int) -> bool:
     return all(t.dim() > 0 and t.shape[0] == rows for t in tensors)
 
 
-_NON_TENSOR_ARGS = 6  # _RecomputeByRows.forward's arguments before the tensors: fn, leaves, spec, at, result, measure
+# _RecomputeByRows.forward's arguments before the tensors: fn, leaves, spec, at, result, measure, rows_per_chunk
+_NON_TENSOR_ARGS = 7
 # measures one part's recomputation for a CheckpointPlan: (run the part's forward, its inputs) -> its outputs
 Measure = Callable[[Callable[[], Any], Sequence[torch.Tensor]], Any]
 
 
 class _RecomputeByRows(torch.autograd.Function):
-    """A checkpointed part whose backward pass recomputes it a few model rows at a time (one row where a row of
-    its input holds :data:`RECOMPUTE_CHUNK_BYTES` or more): the largest part's activations are held for one row,
+    """A checkpointed part whose backward pass recomputes it a few model rows at a time (``rows_per_chunk``; 0: one
+    row where a row of its input holds :data:`RECOMPUTE_CHUNK_BYTES` or more, else as many as fit in that): the
+    largest part's activations are held for one row,
     not the whole call (SD1.5 at 64x64, one image = a cond and an uncond row:
     241 MiB -> 120 MiB, `python -m bench saved`). A UNet part treats its rows independently, so the gradients are
     the same up to float round-off (a kernel may round a batch of 1 differently). Only for frozen weights (the
@@ -111,11 +115,12 @@ class _RecomputeByRows(torch.autograd.Function):
 
     @staticmethod
     def run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-            measure: Measure | None = None) -> Any:
+            measure: Measure | None = None, rows_per_chunk: int = 0) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         result: dict[str, Any] = {}
-        outputs = _RecomputeByRows.apply(fn, leaves, spec, at, result, measure, *[leaves[i] for i in at])
+        outputs = _RecomputeByRows.apply(fn, leaves, spec, at, result, measure, rows_per_chunk,
+                                         *[leaves[i] for i in at])
         out_leaves = list(result["leaves"])
         for i, t in zip(result["at"], outputs, strict=True):
             out_leaves[i] = t
@@ -123,8 +128,10 @@ class _RecomputeByRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, fn: Callable[..., Any], leaves: list[Any], spec: Any, at: list[int],
-                result: dict[str, Any], measure: Measure | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                result: dict[str, Any], measure: Measure | None, rows_per_chunk: int,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.fn, ctx.leaves, ctx.spec, ctx.at, ctx.measure = fn, leaves, spec, at, measure
+        ctx.rows_per_chunk = rows_per_chunk
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
@@ -148,7 +155,7 @@ class _RecomputeByRows(torch.autograd.Function):
         if not wanted:
             return (None,) * (_NON_TENSOR_ARGS + len(tensors))
         split = [bool(ctx.rows) and t.dim() > 0 and t.shape[0] == ctx.rows for t in tensors]
-        step = max(1, RECOMPUTE_CHUNK_BYTES // max(1, ctx.row_bytes)) if ctx.rows else 0
+        step = (ctx.rows_per_chunk or max(1, RECOMPUTE_CHUNK_BYTES // max(1, ctx.row_bytes))) if ctx.rows else 0
         chunks = [slice(r, r + step) for r in range(0, ctx.rows, step)] if step else [slice(None)]
         for rows in chunks:
             inputs = [(t[rows] if s else t).detach().requires_grad_(n) for t, s, n in zip(tensors, split, need)]
@@ -314,7 +321,8 @@ class PartCost:
     """One part, as measured when the backward pass recomputed it, summed over the measured images: ``kept``, the
     bytes its activations keep for backward when it is not checkpointed (its inputs and the weights are kept
     either way and not counted), and ``flops``, what its forward (so its recomputation) costs; ``peak``: the most
-    bytes one recomputation held at its turn (for its whole call or row chunk)."""
+    bytes one recomputation held at its turn (measured one model row at a time; the whole call for a part whose
+    outputs are not row-batched)."""
 
     kept: float = 0.0
     flops: float = 0.0
@@ -335,7 +343,7 @@ class PlanSummary:
     images: int  # images per model call the choice was made for
     parts: int
     need: int  # bytes the choice keeps: the floor plus the kept parts' activations
-    floor: int  # bytes kept with every part checkpointed (parts' inputs, layers between, one recomputation)
+    floor: int  # bytes kept with every part checkpointed (parts' inputs, layers between, one row's recomputation)
     recomputed_flops: float  # share of the parts' forward FLOPs that each backward pass recomputes, 0..1
     kept: tuple[int, ...] = ()  # positions (in the plan's blocks) of the parts that keep their activations
 
@@ -349,9 +357,9 @@ class CheckpointPlan:
     """Which parts of a UNet are checkpointed, chosen under a memory budget (``adjust_noise(...,
     checkpointing="budget")``): as few as the budget allows, so the backward pass recomputes as little as it can.
 
-    While ``measuring``, every part is checkpointed and each part's recomputation in the backward pass records,
-    per image, the bytes the part keeps when it is not checkpointed and its FLOPs (exact counts: the saved tensors'
-    storages, torch's FLOP formulas); what stays kept with every part checkpointed (their inputs, the layers
+    While ``measuring``, every part is checkpointed and each part's recomputation in the backward pass (one row
+    at a time) records, per image, the bytes the part keeps when it is not checkpointed and its FLOPs (exact
+    counts: the saved tensors' storages, torch's FLOP formulas); what stays kept with every part checkpointed (their inputs, the layers
     between them) is counted in the forward (:meth:`chunk`). :meth:`decide` then lets the parts with the most
     FLOPs per kept byte keep their activations while the count stays within the budget: SD1.5's low-resolution
     parts first (a level down, the same convolution FLOPs keep half the bytes), its 64x64 attention last. The
@@ -375,6 +383,20 @@ class CheckpointPlan:
         """Start measuring afresh (an iteration retried after an out-of-memory error measures again)."""
         if self.measuring:
             self.costs, self._base, self._images, self._call_images = {}, 0.0, 0, 0
+
+    def rows_per_chunk(self, position: int) -> int:
+        """How many model rows at once the backward pass recomputes the part at ``position`` with: one while
+        measuring (so each part's measured peak is one row's); then as many as keep its recomputation within the
+        largest one-row recomputation of any part, which the floor counts anyway (SDXL's ten-block transformer at
+        a low resolution holds 272 MiB for one row of 1.3 MiB input at 4x64x64 fp32: it goes one row at a time,
+        where the input-size rule took both rows). 0 (the input-size rule) for a part never measured."""
+        if self.measuring:
+            return 1
+        cost = self.costs.get(position)
+        if cost is None:
+            return 0
+        largest = max(c.peak for c in self.costs.values())
+        return max(1, largest // max(1, cost.peak))
 
     def recorder(self, position: int) -> Measure | None:
         """What measures the part at ``position`` when the backward pass recomputes it (None: not measuring)."""
@@ -449,7 +471,8 @@ class CheckpointPlan:
     def choose(self, budget: int | None, images: int) -> PlanSummary:
         """The parts that keep their activations within ``budget`` bytes for calls of ``images`` images (greedy
         by FLOPs per kept byte; a part that does not fit is skipped, a smaller one after it may fit). The floor
-        counts the largest recomputation of any part: conservative, since a kept part is not recomputed."""
+        counts the largest one-row recomputation of any part (every part's chunks stay within it,
+        :meth:`rows_per_chunk`): conservative, since a kept part is not recomputed."""
         per_image = self._base / max(1, self._images)
         kept = {i: c.kept / self._images for i, c in self.costs.items()}
         floor = int(per_image * images) + max((c.peak for c in self.costs.values()), default=0)

@@ -478,7 +478,7 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
     recomputed = []
     original = ckpt._RecomputeByRows.run  # the weights are frozen while adjusting: the row-by-row recompute
     monkeypatch.setattr(ckpt._RecomputeByRows, "run", staticmethod(
-        lambda fn, args, kwargs, measure=None: recomputed.append(fn) or original(fn, args, kwargs, measure)))
+        lambda fn, args, kwargs, *rest: recomputed.append(fn) or original(fn, args, kwargs, *rest)))
     host.shared.opts.memsafe_cache_size = 0
     host.shared.opts.memsafe_memory_budget_mb = 1  # below what recomputing every part needs: every part
     images = {}

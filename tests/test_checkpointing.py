@@ -308,6 +308,34 @@ def test_budget_plan_keeps_what_fits_and_its_count_bounds_what_autograd_keeps(gu
     assert plan.choose(2**40, 1).need < everything.need
 
 
+def test_a_measured_plan_recomputes_each_part_in_chunks_within_the_largest_one_row_recomputation(guidance, batch,
+                                                                                                 unet):
+    z, *_ = batch
+    part = unet.down_blocks[0].attentions[0]  # the 8x8 transformer: rows of a few KiB, the largest activations
+    log = []
+    original = part.transformer_blocks[0]
+    part.transformer_blocks[0] = RowsSeen(original, log)
+    try:
+        plan = measured_plan(guidance, z, unet)
+        assert log == [1] * 6  # the measuring recompute, one row at a time (the forward runs without autograd)
+        position = {id(b): i for i, b in enumerate(plan.blocks)}[id(part)]
+        largest = max(c.peak for c in plan.costs.values())
+        assert plan.costs[position].peak == largest
+        plan.fix(1, 3)  # every part recomputed
+        steps = {i: plan.rows_per_chunk(i) for i in plan.costs}
+        assert steps[position] == 1  # without the plan: all 6 rows at once (test above)
+        assert all(steps[i] * plan.costs[i].peak <= largest for i in steps)
+        assert max(steps.values()) > 1  # small parts still take several rows at once
+        log.clear()
+        with frozen_parameters(unet), checkpointed(plan.blocks, plan):
+            g, _ = gradient_and_kept_bytes(guidance, z)
+        assert log == [1] * 6
+    finally:
+        part.transformer_blocks[0] = original
+    plain, _ = gradient_and_kept_bytes(guidance, z)
+    torch.testing.assert_close(g, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_budget_plan_recomputes_the_parts_with_the_least_flops_per_kept_byte(guidance, batch, unet):
     z, *_ = batch
     plan = measured_plan(guidance, z, unet)  # measured for 3 images: costs are the bytes/FLOPs of a 3-image call
@@ -426,7 +454,7 @@ def test_flop_count_of_a_convolution_and_of_cpu_attention():
 def live_tensors():
     """The tensors alive now that the garbage collector knows of (a leaked autograd graph's saved tensors too)."""
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))  # type(): no __class__ lookups
 
 
 def test_counting_saved_bytes_leaks_nothing():
