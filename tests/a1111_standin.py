@@ -424,22 +424,30 @@ def process_images(p):
             samples = p.sample(p.c, p.uc, p.seeds, None, 0.0, p.prompts)
             for i in range(samples.shape[0]):
                 images.append(samples[i])
-                infotexts.append(create_infotext(p, n * p.batch_size + i))
+                # processing.py L1026-1027: this batch's prompts and seeds, the index within the batch
+                infotexts.append(create_infotext(p, p.prompts, p.seeds, index=i))
     processed = Processed(p, images, infotexts)
     if p.scripts is not None:
         p.scripts.postprocess(p, processed)
     return processed
 
 
-def create_infotext(p, index):
-    """processing.py L797-812: extra_generation_params values may be lists (per image) or callables(**locals)."""
-    params = {"Seed": p.all_seeds[index], **p.extra_generation_params}
-    for key, value in params.items():
+def create_infotext(p, all_prompts, all_seeds, all_subseeds=None, comments=None, iteration=0, position_in_batch=0,
+                    use_main_prompt=False, index=None, all_negative_prompts=None):
+    """processing.py L705-812 reduced: ``index`` points into ``all_seeds``, which is the batch's seeds when called
+    from the sampling loop and the job's (``p.all_seeds``) from ``Processed.infotext`` (L609-610); extra_generation_params
+    values may be lists (indexed the same way) or callables, called with the function's locals."""
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
+    generation_params = {"Seed": all_seeds[index], **p.extra_generation_params}
+    for key, value in generation_params.items():
         if isinstance(value, list):
-            params[key] = value[index]
+            generation_params[key] = value[index]
         elif callable(value):
-            params[key] = value(p=p, index=index)
-    return ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+            generation_params[key] = value(**locals())
+    return ", ".join(f"{k}: {v}" for k, v in generation_params.items() if v is not None)
 
 
 def run_job(p):

@@ -10,7 +10,7 @@ import torch
 
 import a1111_standin as webui
 import memsafe
-from memsafe import MitigationConfig, adjust_noise, guidance_from_denoiser
+from memsafe import ConfigError, MitigationConfig, adjust_noise, guidance_from_denoiser
 from memsafe.guidance import Guidance
 from memsafe.hosts import a1111
 from memsafe.hosts.webui_args import ARG_NAMES, parse_script_args
@@ -305,6 +305,15 @@ def test_per_image_results_warnings_and_api_lists(host, sd_model, script):
     assert len(warnings) == 4 and all("still at risk" in w for w in warnings)
     assert "MemSafe warning: still at risk" in processed.infotexts[3]
     assert processed.comments.count("MemSafe: image") == 4
+    # each image's infotext carries its own result: A1111 makes them per batch, with the index within the batch
+    # (processing.py L1026-1027), and after the job with the index within the job (L609-610)
+    assert len(set(results)) == 4
+    for i, text in enumerate(processed.infotexts):
+        assert f"Seed: {p.all_seeds[i]}," in text and f"MemSafe result: {results[i]}," in text
+    for i in range(4):
+        assert f"MemSafe result: {results[i]}," in webui.create_infotext(p, p.all_prompts, p.all_seeds, index=i)
+    main = webui.create_infotext(p, p.prompts, p.seeds, use_main_prompt=True)  # the grid's (L1123): image 1's
+    assert f"MemSafe result: {results[0]}," in main
 
 
 def test_auto_leaves_low_risk_images_alone(host, sd_model, script):
@@ -507,10 +516,32 @@ def test_checkpointing_setting_same_image_and_unet_restored(host, sd_model, scri
 
 
 def test_memory_budget_setting(host):
-    for value, expected in ((0, None), (512, 512 * 2**20), (0.5, 2**19), (-1, None), ("abc", None),
-                            (float("nan"), None), (float("inf"), None), (None, None)):
+    for value, expected in ((0, None), (512, 512 * 2**20), (0.5, 2**19), ("64", 64 * 2**20), (None, None)):
         host.shared.opts.memsafe_memory_budget_mb = value
         assert a1111.memory_budget() == expected, value
+    for value in (-1, "abc", float("nan"), float("inf"), True):
+        host.shared.opts.memsafe_memory_budget_mb = value
+        with pytest.raises(ConfigError, match="memsafe_memory_budget_mb.*a number of MiB >= 0"):
+            a1111.memory_budget()
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("memsafe_checkpointing", "sometimes", "one of on_oom, always, never, budget"),
+    ("memsafe_memory_budget_mb", -5, "a number of MiB >= 0"),
+    ("memsafe_images_per_call", 2.5, "a whole number >= 0"),
+    ("memsafe_images_per_call", "x", "a whole number >= 0"),
+    ("memsafe_cache_size", 10**9, "a whole number of images from 0 .off. to 1024"),
+])
+def test_a_bad_setting_stops_the_job_naming_it_or_is_reported_with_the_continue_policy(
+        host, sd_model, script, name, value, allowed):
+    # the options API stores any value (POST /sdapi/v1/options): the job says which setting is wrong
+    setattr(host.shared.opts, name, value)
+    with pytest.raises(a1111.MemSafeError, match=f"setting {name}: {value!r} is not {allowed}"):
+        run(sd_model, script, on("per_sample"), batch_size=1)
+    assert callbacks(host) == []
+    host.shared.opts.memsafe_fail_policy = a1111.FAIL_CONTINUE
+    _, processed = run(sd_model, script, on("per_sample"), batch_size=1)
+    assert f"MemSafe result: NOT APPLIED (setting {name}" in processed.infotexts[0]
 
 
 def test_images_per_call_setting_caps_the_per_sample_model_calls(host, sd_model, script, monkeypatch):
@@ -525,7 +556,7 @@ def test_images_per_call_setting_caps_the_per_sample_model_calls(host, sd_model,
     monkeypatch.setattr(sd_model, "apply_model", recording)
     host.shared.opts.memsafe_cache_size = 0
     images = {}
-    for setting in (0, 1, "not a number"):
+    for setting in (0, 1, None):
         host.shared.opts.memsafe_images_per_call = setting
         rows_with_grad.clear()
         _, images[setting] = run(sd_model, script, on("per_sample"), batch_size=2, seed=45)
@@ -533,4 +564,4 @@ def test_images_per_call_setting_caps_the_per_sample_model_calls(host, sd_model,
         assert rows_with_grad and max(rows_with_grad) == (2 if setting == 1 else 4), setting
     # the same images up to batch round-off (as a seed alone against inside a batch)
     torch.testing.assert_close(images[1].images, images[0].images, rtol=1e-3, atol=1e-3)
-    assert a1111.images_per_call() is None  # an invalid value: the whole batch
+    assert a1111.images_per_call() is None  # unset (an empty field): the whole batch

@@ -41,6 +41,7 @@ JOB_ATTR = "memsafe_job"
 XYZ_FIELDS = ("enabled", "method", *FIELD_ORDER)  # p.memsafe_<name>, set by the XYZ-plot axes
 FAIL_STOP = "Stop the job"
 FAIL_CONTINUE = "Continue unmitigated (infotext says so)"
+MAX_CACHE_SIZE = 1024  # the settings slider's maximum
 VERIFY_RTOL = 1e-2  # a cache hit is used only if the risk at the same noise still agrees this closely
 
 
@@ -59,35 +60,69 @@ def fail_policy() -> str:
     return _opt("memsafe_fail_policy", FAIL_STOP)
 
 
+def _bad_setting(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"setting {name}", f"{value!r} is not {allowed} (Settings > MemSafe)")
+
+
+def _number_setting(name: str, allowed: str, integer: bool, default: float = 0.0,
+                    maximum: float = math.inf) -> float:
+    """A setting that holds a number in [0, ``maximum``] (a whole one if ``integer``); unset or empty: ``default``."""
+    value = _opt(name, default)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or not 0 <= number <= maximum \
+            or (integer and number != int(number)):
+        raise _bad_setting(name, value, allowed)
+    return number
+
+
 def checkpointing_setting() -> str:
-    """Settings > MemSafe > activation checkpointing: one of methods.CHECKPOINTING (unknown values: on_oom);
-    ``never`` under ``--lowvram``, whose per-block device hooks would not run when a block is recomputed."""
+    """Settings > MemSafe > activation checkpointing: one of methods.CHECKPOINTING (else a ConfigError naming the
+    setting); ``never`` under ``--lowvram``, whose per-block device hooks would not run when a block is recomputed."""
     from modules import shared
 
+    value = _opt("memsafe_checkpointing", "on_oom")
+    if value not in methods.CHECKPOINTING:
+        raise _bad_setting("memsafe_checkpointing", value, f"one of {', '.join(methods.CHECKPOINTING)}")
     if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
         return "never"
-    value = _opt("memsafe_checkpointing", "on_oom")
-    return value if value in methods.CHECKPOINTING else "on_oom"
+    return value
 
 
 def memory_budget() -> int | None:
-    """Settings > MemSafe > checkpointing budget (MiB) as bytes: None (0 or an invalid value: from the free VRAM
-    at the time) or a positive byte count."""
-    try:
-        value = float(_opt("memsafe_memory_budget_mb", 0))
-    except (TypeError, ValueError):
-        return None
-    return int(value * 2**20) if math.isfinite(value) and value > 0 else None
+    """Settings > MemSafe > checkpointing budget (MiB) as bytes: None (0: from the free VRAM at the time) or a
+    positive byte count; anything but a finite number >= 0 is a ConfigError naming the setting."""
+    value = _number_setting("memsafe_memory_budget_mb", "a number of MiB >= 0 (0: 3/4 of the free VRAM)",
+                            integer=False)
+    return int(value * 2**20) if value > 0 else None
 
 
 def images_per_call() -> int | None:
-    """Settings > MemSafe > images per UNet call for per-sample's model calls: None (0 or an invalid value: the
-    whole batch) or a positive count."""
-    try:
-        value = int(_opt("memsafe_images_per_call", 0))
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
+    """Settings > MemSafe > images per UNet call for per-sample's model calls: None (0: the whole batch) or a
+    positive count; anything but a whole number >= 0 is a ConfigError naming the setting."""
+    value = _number_setting("memsafe_images_per_call", "a whole number >= 0 (0: the whole batch)", integer=True)
+    return int(value) or None
+
+
+def cache_size() -> int:
+    """Settings > MemSafe > adjusted-noise cache (images; 0: off); a ConfigError unless a whole number in
+    0..:data:`MAX_CACHE_SIZE` (the cache's memory stays bounded)."""
+    return int(_number_setting("memsafe_cache_size", f"a whole number of images from 0 (off) to {MAX_CACHE_SIZE}",
+                               integer=True, default=64, maximum=MAX_CACHE_SIZE))
+
+
+def check_settings() -> None:
+    """Every MemSafe setting a job reads is valid, or a ConfigError naming the first one that is not (and its
+    allowed values): checked when a job starts, so a bad value (the options API stores anything) stops the job
+    up front instead of being silently replaced by a default."""
+    checkpointing_setting()
+    memory_budget()
+    images_per_call()
+    cache_size()
 
 
 def unet_of(sd_model: Any) -> torch.nn.Module | None:
@@ -238,6 +273,18 @@ class SamplingContext:
     first: bool = False
 
 
+def job_index(index: int, p: Any = None, all_seeds: Any = None, use_main_prompt: bool = False, **_: Any) -> int:
+    """The position in the whole job of the image that ``create_infotext`` describes. Its ``index`` points into
+    its ``all_seeds``: the current batch's seeds (``p.seeds``) while images are made (processing.py L1026-1027,
+    so the position within the batch of iteration ``p.iteration``), the job's (``p.all_seeds``) from
+    ``Processed.infotext`` (L609-610); ``use_main_prompt`` (the grid, L1123) means the job's first image."""
+    if use_main_prompt:
+        return 0
+    if p is not None and all_seeds is not None and all_seeds is not getattr(p, "all_seeds", None):
+        return int(getattr(p, "iteration", 0)) * int(p.batch_size) + index
+    return index
+
+
 class Job:
     """The state of one MemSafe-enabled txt2img job (stored on ``p``)."""
 
@@ -252,15 +299,15 @@ class Job:
         self.sampling: SamplingContext | None = None
         self._callbacks: list[Callable[..., None]] = []
 
-    # infotext values (create_infotext calls them with its locals: p, index, ...; processing.py L801-808)
-    def result_text(self, index: int = 0, **_: Any) -> str | None:
+    # infotext values (create_infotext calls them with its locals: p, index, all_seeds, ...; processing.py L801-808)
+    def result_text(self, index: int = 0, **infotext_locals: Any) -> str | None:
         if self.skipped_reason is not None:
             return f"NOT APPLIED ({self.skipped_reason})"
-        record = self.records.get(index)
+        record = self.records.get(job_index(index, **infotext_locals))
         return record.infotext() if record else None
 
-    def warning_text(self, index: int = 0, **_: Any) -> str | None:
-        record = self.records.get(index)
+    def warning_text(self, index: int = 0, **infotext_locals: Any) -> str | None:
+        record = self.records.get(job_index(index, **infotext_locals))
         return record.warning() if record else None
 
     def total_images(self, p: Any) -> int:
@@ -422,10 +469,11 @@ def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
     if not request.enabled:
         return None
     family = model_family(getattr(p, "sd_model", None) or shared.sd_model)
-    cache.resize(_opt("memsafe_cache_size", cache.capacity))
     job = Job(request, MitigationConfig(method="off"), cache, family)
     _attach(p, job)
     try:
+        check_settings()
+        cache.resize(cache_size())
         job.config = request.resolve(family)
         _check_applicable(p, job.config)
     except (ConfigError, NotApplicableError) as e:

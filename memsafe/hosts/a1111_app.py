@@ -37,7 +37,7 @@ def on_ui_settings() -> None:
         a1111.FAIL_STOP, "If mitigation was asked for and cannot be applied", gr.Radio,
         {"choices": [a1111.FAIL_STOP, a1111.FAIL_CONTINUE]}, section=SECTION))
     add("memsafe_cache_size", shared.OptionInfo(
-        64, "Adjusted-noise cache (images; 0 = off)", gr.Slider, {"minimum": 0, "maximum": 1024, "step": 1},
+        64, "Adjusted-noise cache (images; 0 = off)", gr.Slider, {"minimum": 0, "maximum": a1111.MAX_CACHE_SIZE, "step": 1},
         section=SECTION).info("re-running a seed (another upscaler, another batch) reuses its adjusted noise"))
     add("memsafe_checkpointing", shared.OptionInfo(
         "on_oom", "Per-sample: recompute UNet activations during backprop (activation checkpointing)", gr.Radio,
