@@ -387,9 +387,10 @@ class CheckpointPlan:
     def rows_per_chunk(self, position: int) -> int:
         """How many model rows at once the backward pass recomputes the part at ``position`` with: one while
         measuring (so each part's measured peak is one row's); then as many as keep its recomputation within the
-        largest one-row recomputation of any part, which the floor counts anyway (SDXL's ten-block transformer at
-        a low resolution holds 272 MiB for one row of 1.3 MiB input at 4x64x64 fp32: it goes one row at a time,
-        where the input-size rule took both rows). 0 (the input-size rule) for a part never measured."""
+        largest one-row recomputation of any part, which the floor counts anyway (SDXL's ten-block transformers at
+        16x16 hold 270 MiB for a row of 1.25 MiB input at 4x64x64 fp32: one row at a time, where the input-size
+        rule took both rows and the floor was 787 MiB instead of 517). 0 (the input-size rule) for a part never
+        measured; a part that keeps nothing may take every row at once."""
         if self.measuring:
             return 1
         cost = self.costs.get(position)
