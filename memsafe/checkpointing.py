@@ -453,7 +453,7 @@ class CheckpointPlan:
             free = free_memory(device)
             budget = None if free is None else int(FREE_MEMORY_SHARE * free)
         s = self.fix(budget, self._call_images)
-        limit = "no known memory limit" if s.budget is None else f"a budget of {s.budget / 2**20:.0f} MiB"
+        limit = "no known memory limit" if s.budget is None else f"a budget of {round(s.budget / 2**20, 1):g} MiB"
         below = s.budget is not None and s.budget < s.floor
         _log.info("memsafe: activation checkpointing within %s%s: %d of %d UNet parts keep their activations "
                   "(%.0f MiB kept for %d image(s) per call, %.0f MiB with every part recomputed); the backward pass "

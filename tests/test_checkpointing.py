@@ -336,6 +336,15 @@ def test_a_measured_plan_recomputes_each_part_in_chunks_within_the_largest_one_r
     torch.testing.assert_close(g, plain, rtol=1e-5, atol=1e-7)
 
 
+def test_the_plans_log_line_gives_a_fractional_budget_as_set(guidance, batch, unet, caplog):
+    z, *_ = batch
+    plan = measured_plan(guidance, z, unet)
+    plan.budget = int(12.5 * 2**20)  # Settings > MemSafe > VRAM budget 12.5 (MiB)
+    with caplog.at_level("INFO", logger="memsafe"):
+        assert plan.decide(torch.device("cpu")) is not None
+    assert "within a budget of 12.5 MiB" in caplog.text
+
+
 def test_budget_plan_recomputes_the_parts_with_the_least_flops_per_kept_byte(guidance, batch, unet):
     z, *_ = batch
     plan = measured_plan(guidance, z, unet)  # measured for 3 images: costs are the bytes/FLOPs of a 3-image call
