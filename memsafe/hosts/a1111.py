@@ -116,13 +116,13 @@ def cache_size() -> int:
 
 
 def check_settings() -> None:
-    """Every MemSafe setting a job reads is valid, or a ConfigError naming the first one that is not (and its
-    allowed values): checked when a job starts, so a bad value (the options API stores anything) stops the job
-    up front instead of being silently replaced by a default."""
+    """The per-sample settings (read again when it runs) are valid, or a ConfigError naming the first one that
+    is not (and its allowed values): checked when a job starts, with the cache size that :func:`start_job`
+    applies, so a bad value (the options API stores anything) stops the job up front instead of being silently
+    replaced by a default."""
     checkpointing_setting()
     memory_budget()
     images_per_call()
-    cache_size()
 
 
 def unet_of(sd_model: Any) -> torch.nn.Module | None:
@@ -472,8 +472,8 @@ def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
     job = Job(request, MitigationConfig(method="off"), cache, family)
     _attach(p, job)
     try:
-        check_settings()
         cache.resize(cache_size())
+        check_settings()
         job.config = request.resolve(family)
         _check_applicable(p, job.config)
     except (ConfigError, NotApplicableError) as e:
