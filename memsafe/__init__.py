@@ -11,7 +11,7 @@ from .guidance import Guidance, GuidanceFn, ModelCalls, guidance_from_denoiser, 
 from .methods import AdjustResult, Evaluations, ProgressInfo, adjust_noise, risk_score, uncond_only
 from .sampling import CFGDenoiser
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PRESETS",

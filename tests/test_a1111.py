@@ -431,6 +431,10 @@ def test_xyz_axis_values_override_the_arguments(host, sd_model, script):
     assert config.method == "batch_wise" and config.target == 0.25
     assert "MemSafe result: batch_wise" in processed.infotexts[0]
     p = make_p(sd_model, script, on("per_sample"), batch_size=1)
+    p.memsafe_optimizer = "adamw"  # the per-sample step axis: the default Polyak against the paper's AdamW
+    webui.run_job(p)
+    assert MitigationConfig.from_string(p.extra_generation_params["MemSafe"]).optimizer == "adamw"
+    p = make_p(sd_model, script, on("per_sample"), batch_size=1)
     p.memsafe_enabled = "false"
     webui.run_job(p)
     assert p.extra_generation_params == {}
@@ -446,6 +450,15 @@ def test_infotext_round_trip_restores_the_exact_config(host, sd_model, script):
     assert restored == MitigationConfig.from_string(p.extra_generation_params["MemSafe"])
     assert restored.lr == 0.0123 and restored.target == 0.5 and restored.method == "per_sample"
     assert [read({}) for _, read in script.infotext_fields][0] is False  # no MemSafe in the infotext: off
+
+
+def test_pasting_an_infotext_from_before_the_default_step_changed_restores_adamw(host, sd_model, script):
+    script.ui(False)
+    p, _ = run(sd_model, script, on("per_sample"), batch_size=1)
+    assert "optimizer=polyak" in p.extra_generation_params["MemSafe"]  # the default is written out
+    old = {"MemSafe": "method=per_sample;target=0.5"}  # memsafe 0.1.0 left out its default, AdamW
+    restored = parse_script_args([read(old) for _, read in script.infotext_fields]).resolve("sd1")
+    assert restored.optimizer == "adamw" and restored.target == 0.5
 
 
 def test_img2img_ui_has_no_arguments(host, script):

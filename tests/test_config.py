@@ -4,7 +4,7 @@ import pytest
 
 import memsafe
 from memsafe import ConfigError, MitigationConfig
-from memsafe.config import PRESETS
+from memsafe.config import INFOTEXT_BASELINE, PRESETS
 
 
 def test_defaults_are_the_papers_sd1_numbers_at_4x64x64():
@@ -80,8 +80,26 @@ def test_string_round_trip_is_exact_and_compact():
     assert "," not in text and "\n" not in text  # safe inside an A1111 infotext
     assert "rho" not in text  # defaults are left out
     assert MitigationConfig.from_string(text) == cfg
-    assert MitigationConfig().to_string() == "method=per_sample"
-    assert MitigationConfig.from_string(" method=off ; ") == MitigationConfig(method="off")
+    # the per-sample step's default (polyak) is not the infotext baseline's (adamw), so it is always written
+    assert MitigationConfig().to_string() == "method=per_sample;optimizer=polyak"
+    assert MitigationConfig(optimizer="adamw").to_string() == "method=per_sample"
+    assert MitigationConfig.from_string(" method=off ; ") == MitigationConfig(method="off", optimizer="adamw")
+
+
+def test_an_infotext_written_before_the_default_step_changed_reads_back_as_adamw():
+    # memsafe 0.1.0 (default AdamW) wrote only the fields that differed from its defaults: no optimizer field
+    old = MitigationConfig.from_string("method=per_sample;target=1.2")
+    assert old.optimizer == "adamw" and old.target == 1.2
+    assert old.to_string() == "method=per_sample;target=1.2"  # and it is written back unchanged
+    assert MitigationConfig().optimizer == "polyak"
+    for cfg in (MitigationConfig(), MitigationConfig(method="auto", max_step=0.02),
+                MitigationConfig(method="batch_wise", optimizer="adamw", gradient="finite_difference")):
+        assert MitigationConfig.from_string(cfg.to_string()) == cfg
+
+
+def test_the_infotext_baseline_names_every_field_and_is_valid():
+    assert set(INFOTEXT_BASELINE) == set(MitigationConfig().to_dict())
+    MitigationConfig.from_dict(INFOTEXT_BASELINE)
 
 
 def test_dict_round_trip_and_string_values_from_the_api():

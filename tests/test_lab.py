@@ -196,7 +196,7 @@ def test_the_methods_reduce_replication_of_cfg_driven_prompts(lab):
 def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mitigates(lab):
     pairs = pairs_for(lab.regime("cfg_driven"), [0, 1])
     none = generate(lab, Method("no mitigation", "none"), pairs)
-    adamw = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample")), pairs)
+    adamw = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample", optimizer="adamw")), pairs)
     polyak = generate(lab, Method("polyak", "per_sample", lab_config("per_sample", optimizer="polyak")), pairs)
     target = LAB_PRESET["target"]
     assert (polyak.norm_after <= target).all() and (adamw.norm_after <= target).all()

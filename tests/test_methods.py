@@ -14,6 +14,7 @@ from memsafe import (
     guidance_from_denoiser,
     risk_score,
 )
+from memsafe.config import OPTIMIZERS
 
 
 def per_image_norm(t):
@@ -76,7 +77,7 @@ def test_per_sample_equals_the_paper_exact_optimizer_one_image_at_a_time(guidanc
         start = per_image_norm(guidance(z))
     target = float(start.min()) * 0.85
     cfg = MitigationConfig(
-        method="per_sample", lr=0.05, target=target, max_iterations=30, scale_with_size=False
+        method="per_sample", optimizer="adamw", lr=0.05, target=target, max_iterations=30, scale_with_size=False
     )
     assert all(p.requires_grad for p in unet.parameters())
     res = adjust_noise(z, guidance, cfg)
@@ -88,13 +89,14 @@ def test_per_sample_equals_the_paper_exact_optimizer_one_image_at_a_time(guidanc
         torch.testing.assert_close(res.z[i : i + 1], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_per_sample_reaches_its_target_and_reports_true_norms(guidance, batch):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_per_sample_reaches_its_target_and_reports_true_norms(guidance, batch, optimizer):
     z, *_ = batch
     with torch.no_grad():
         start = per_image_norm(guidance(z))
     target = float(start.min()) * 0.75
     cfg = MitigationConfig(
-        method="per_sample", lr=0.05, target=target, max_iterations=200, scale_with_size=False
+        method="per_sample", optimizer=optimizer, lr=0.05, target=target, max_iterations=200, scale_with_size=False
     )
     res = adjust_noise(z, guidance, cfg)
     assert (res.norm_after <= target).all() and (res.iterations < 200).all() and (res.iterations > 0).all()
@@ -107,9 +109,11 @@ def test_per_sample_reaches_its_target_and_reports_true_norms(guidance, batch):
     assert res.evaluations.backward == int(res.iterations.sum())
 
 
-def test_per_sample_respects_max_iterations_and_flags_images_above_target(guidance, batch):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_per_sample_respects_max_iterations_and_flags_images_above_target(guidance, batch, optimizer):
     z, *_ = batch
-    cfg = MitigationConfig(method="per_sample", lr=0.01, target=0.0, max_iterations=3, scale_with_size=False)
+    cfg = MitigationConfig(method="per_sample", optimizer=optimizer, lr=0.01, target=0.0, max_iterations=3,
+                           scale_with_size=False)
     res = adjust_noise(z, guidance, cfg)
     assert res.iterations.tolist() == [3, 3, 3]
     assert res.still_at_risk().all()
@@ -117,12 +121,15 @@ def test_per_sample_respects_max_iterations_and_flags_images_above_target(guidan
         torch.testing.assert_close(res.norm_after, per_image_norm(guidance(res.z)), rtol=1e-4, atol=1e-5)
 
 
-def test_per_sample_batched_equals_each_image_alone(guidance, batch):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_per_sample_batched_equals_each_image_alone(guidance, batch, optimizer):
     z, *_ = batch
     with torch.no_grad():
         start = per_image_norm(guidance(z))
     cfg = MitigationConfig(
         method="per_sample",
+        optimizer=optimizer,
+        max_step=0.01,  # small Polyak steps, so that the images need different numbers of them
         lr=0.05,
         target=float(start.median()) * 0.8,
         max_iterations=40,
@@ -333,9 +340,11 @@ def test_uncond_only_decision_by_noise_level():
     assert memsafe.uncond_only(torch.tensor([5.0 * (1 + 1e-7)]), sigmas, 2).tolist() == [False]  # round-off
 
 
-def test_per_sample_in_chunks_equals_one_batch(guidance, batch):
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_per_sample_in_chunks_equals_one_batch(guidance, batch, optimizer):
     z, *_ = batch
-    cfg = MitigationConfig(method="per_sample", lr=0.05, target=0.0, max_iterations=4, scale_with_size=False)
+    cfg = MitigationConfig(method="per_sample", optimizer=optimizer, lr=0.05, target=0.0, max_iterations=4,
+                           scale_with_size=False)
     whole = adjust_noise(z, guidance, cfg)
     calls_whole = guidance.calls.calls
     chunked = adjust_noise(z, guidance, cfg, max_batch=1)
@@ -393,7 +402,7 @@ def test_polyak_steps_reach_the_target_in_fewer_iterations_than_adamw():
     start = per_image_norm(g(z))
     common = {"method": "per_sample", "target": float(start.min()) * 0.7, "max_iterations": 200,
               "scale_with_size": False}
-    adamw = adjust_noise(z, g, MitigationConfig(**common, lr=0.02))
+    adamw = adjust_noise(z, g, MitigationConfig(**common, optimizer="adamw", lr=0.02))
     polyak = adjust_noise(z, g, MitigationConfig(**common, optimizer="polyak", max_step=0.5))
     assert (polyak.norm_after <= common["target"]).all() and (adamw.norm_after <= common["target"]).all()
     assert (polyak.iterations < adamw.iterations).all()

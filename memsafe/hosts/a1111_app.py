@@ -12,7 +12,7 @@ from secrets import compare_digest
 from typing import Any
 
 from .. import __version__, methods
-from ..config import PRESETS, field_docs
+from ..config import OPTIMIZERS, PRESETS, field_docs
 from ..errors import ConfigError, NotApplicableError
 from . import a1111, api_guard
 from .webui_args import ARG_NAMES, PRESET_CHOICES, UI_METHODS, parse_script_args
@@ -90,6 +90,8 @@ XYZ_AXES: tuple[tuple[str, type, str, Any], ...] = (
     ("[MemSafe] Iterations (batch-wise)", int, "iterations", None),
     ("[MemSafe] Unconditional steps", int, "uncond_steps", None),
     ("[MemSafe] Max iterations", int, "max_iterations", None),
+    ("[MemSafe] Per-sample step", str, "optimizer", list(OPTIMIZERS)),  # Polyak against the paper's AdamW
+    ("[MemSafe] Largest Polyak step", float, "max_step", None),
 )
 
 
