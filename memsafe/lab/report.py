@@ -69,6 +69,7 @@ def tradeoff_plot(sweeps: dict[str, list[dict[str, Any]]], path: str | Path, tit
         "delayed_cfg": "s",
         "batch_wise": "o",
         "per_sample": "^",
+        "per_sample_adamw": "v",
         "auto": "D",
     }
     for family, rows in sweeps.items():
@@ -82,7 +83,8 @@ def tradeoff_plot(sweeps: dict[str, list[dict[str, Any]]], path: str | Path, tit
             "guidance_1": "guidance 1 (no CFG)",
             "delayed_cfg": "CFG delayed K steps (static transition)",
             "batch_wise": "batch-wise (Alg. 1)",
-            "per_sample": "per-sample (Alg. 2)",
+            "per_sample": "per-sample (Alg. 2, Polyak step: the default)",
+            "per_sample_adamw": "per-sample (Alg. 2, AdamW: the paper)",
             "auto": "auto",
         }.get(family, family)
         colour = {
@@ -91,6 +93,7 @@ def tradeoff_plot(sweeps: dict[str, list[dict[str, Any]]], path: str | Path, tit
             "delayed_cfg": "C2",
             "batch_wise": "C3",
             "per_sample": "C4",
+            "per_sample_adamw": "C6",
         }
         ax.errorbar(
             xs,

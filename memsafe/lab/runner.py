@@ -38,6 +38,9 @@ REPLICATION_THRESHOLD = 0.85
 # noise out of distribution: alignment 0.5 instead of 0.9); target 0.4 sits below the CFG-driven prompts' typical
 # 0.65 and above where alignment starts to fall (0.35: 0.81).
 # risk_threshold 0.9 sits above 95% of the generic prompts' scores: auto flags the point-mass prompts (median 1.14).
+# max_iterations is the paper's 1000: with 100, AdamW stopped short of the target on 55% of the point-mass images
+# (norm 1.16 -> 0.4 takes it 110 iterations on average), which made it look better aligned there than a step that
+# reaches the target (47.7% against 42.2% at 1000 iterations; Polyak 41.4%, in 12 iterations).
 LAB_PRESET: dict[str, Any] = {
     "rho": 10.0,
     "gamma": 3.0,
@@ -45,7 +48,7 @@ LAB_PRESET: dict[str, Any] = {
     "uncond_steps": 5,
     "lr": 0.01,
     "target": 0.4,
-    "max_iterations": 100,
+    "max_iterations": 1000,
     "weight_decay": 0.01,
     "risk_threshold": 0.9,
     "auto_method": "per_sample",
@@ -66,7 +69,7 @@ class Method:
     every image without adjusting its noise (the "static transition point" baseline)."""
 
     label: str
-    family: str  # none, guidance_1, delayed_cfg, batch_wise, per_sample, auto
+    family: str  # none, guidance_1, delayed_cfg, batch_wise, per_sample, per_sample_adamw, auto
     config: memsafe.MitigationConfig | None = None
     scale: float = GUIDANCE_SCALE
     delay: int = 0
