@@ -63,8 +63,8 @@ _FIELDS: dict[str, _Field] = {
     "fd_radius": _Field(float, 0.0, 1e3, low_open=True,
                         doc="finite_difference: probe distance along eps_tilde/||eps_tilde|| (at 16384 elements)"),
     "optimizer": _Field(str, choices=OPTIMIZERS,
-                        doc="per-sample step: adamw (the paper, learning rate lr) or polyak (step length from the "
-                            "known target, at most max_step)"),
+                        doc="per-sample step: polyak (the default: step length from the known target, at most "
+                            "max_step) or adamw (the paper's, learning rate lr)"),
     "max_step": _Field(float, 0.0, 10.0, low_open=True,
                        doc="polyak: the largest step, as RMS per element of z (unit variance)"),
     "risk_threshold": _Field(

@@ -3,7 +3,9 @@ on it and changes what it should. A few seeds only (CI budget: under 3 minutes o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from memsafe.lab.runner import (
     generate,
     initial_noise,
     lab_config,
+    paired_difference,
     pairs_for,
     summarize,
 )
@@ -204,6 +207,23 @@ def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mit
     rate = {name: float((run.nn_sim >= lab.threshold).float().mean()) for name, run in
             (("none", none), ("adamw", adamw), ("polyak", polyak))}
     assert rate["polyak"] <= rate["none"] - 0.25 and rate["polyak"] <= rate["adamw"] + 0.125
+
+
+def test_paired_difference_is_per_image_and_spread_over_seeds(lab):
+    pairs = pairs_for(lab.regime("cfg_driven")[:2], [0, 1])  # 4 images: each seed has two
+    run = generate(lab, Method("no mitigation", "none"), pairs)
+    same = paired_difference(lab, run, run, "cfg_driven")
+    assert same["images"] == 4 and same["alignment_difference"] == 0 and same["replication_difference_ci95"] == 0
+    aligned = torch.ones(4, dtype=torch.bool)
+    worse = aligned.clone()
+    worse[0] = False  # one image of seed 0 loses its alignment: seed means -1/2 and 0
+    diff = paired_difference(lab, dataclasses.replace(run, aligned=worse), dataclasses.replace(run, aligned=aligned),
+                             "cfg_driven")
+    assert diff["alignment_difference"] == pytest.approx(-0.25)
+    assert diff["alignment_difference_ci95"] == pytest.approx(1.96 * statistics.stdev([-0.5, 0.0]) / 2**0.5)
+    assert diff["replication_difference"] == 0
+    with pytest.raises(ValueError, match="same"):
+        paired_difference(lab, run, generate(lab, Method("no mitigation", "none"), pairs[:2]), "cfg_driven")
 
 
 def test_rerun_variants_replaces_only_the_variant_rows(lab, tmp_path, monkeypatch):

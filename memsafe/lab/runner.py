@@ -287,6 +287,27 @@ def _spread(values_by_seed: dict[int, list[float]]) -> tuple[float, float, float
     return mean, std, 1.96 * std / math.sqrt(len(per_seed))
 
 
+def paired_difference(lab: Lab, run: Run, reference: Run, regime: str) -> dict[str, Any]:
+    """``run`` minus ``reference``, image by image on the same (prompt, seed) pairs of one regime: the mean
+    difference in replication and in alignment, each with its 95% half-width over seeds (the seeds are the
+    independent draws, as in :func:`summarize`). Pairing removes what a prompt and a seed give both methods alike,
+    so the half-widths are much narrower than the two rows' own."""
+    if run.prompts != reference.prompts or run.seeds != reference.seeds:
+        raise ValueError("paired_difference: the two runs must sample the same (prompt, seed) pairs")
+    idx = [i for i, p in enumerate(run.prompts) if p.regime == regime]
+    replication = (run.nn_sim >= lab.threshold).float() - (reference.nn_sim >= lab.threshold).float()
+    alignment = run.aligned.float() - reference.aligned.float()
+    out: dict[str, Any] = {"method": run.method.label, "reference": reference.method.label, "regime": regime,
+                           "images": len(idx)}
+    for name, diff in (("replication", replication), ("alignment", alignment)):
+        by_seed: dict[int, list[float]] = {}
+        for i in idx:
+            by_seed.setdefault(run.seeds[i], []).append(float(diff[i]))
+        mean, _, ci = _spread(by_seed)
+        out[f"{name}_difference"], out[f"{name}_difference_ci95"] = mean, ci
+    return out
+
+
 def summarize(lab: Lab, run: Run, regime: str) -> dict[str, Any]:
     """The metrics of ``run`` on the prompts of one regime: replication rate (mean, spread over seeds),
     alignment, diversity, norms before/after, evaluations and seconds per image."""
