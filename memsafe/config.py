@@ -123,7 +123,7 @@ class ScaledParams:
 class MitigationConfig:
     """Every parameter of memsafe. Defaults are the paper's numbers for SD v1.4 at 512 px (DDIM, CFG 7), with one
     exception: the per-sample step is Polyak's (``optimizer="polyak"``), which on the lab model reaches the target
-    in a fifth of the paper's AdamW evaluations at the same replication and alignment (README, "Default");
+    with a seventh of the paper's AdamW evaluations, replication and alignment within the lab's noise (README, "Default");
     ``optimizer="adamw"`` is the paper's Alg. 2 exactly.
 
     Construction validates: an out-of-range or unknown value raises :class:`memsafe.ConfigError`, which names the
@@ -143,7 +143,7 @@ class MitigationConfig:
     weight_decay: float = 0.01
     gradient: str = "autograd"
     fd_radius: float = 1.0
-    optimizer: str = "polyak"  # the paper's AdamW until 0.2.0: same efficacy on the lab, a fifth of the evaluations
+    optimizer: str = "polyak"  # the paper's AdamW until 0.2.0: same efficacy on the lab, a seventh of the evaluations
     max_step: float = 0.05
     # auto
     risk_threshold: float = 0.9
