@@ -341,7 +341,7 @@ def write_outputs(
                 ("delayed_cfg", main_methods()[1].label),
                 ("batch_wise", "batch-wise"),
                 ("per_sample", "per-sample"),
-                ("per_sample_adamw", main_methods()[4].label),
+                ("per_sample_adamw", next(m.label for m in main_methods() if m.family == "per_sample_adamw")),
                 ("auto", "auto"),
             )
         },
