@@ -38,13 +38,14 @@ from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_d
 from .models import CONFIGS, Subject, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# per_sample* variants: per_sample[_fd|_polyak][_checkpointed|_budget[MiB]][_one]; _checkpointed recomputes every
+# per_sample* variants: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]; AdamW unless _polyak, autograd
+# gradients unless _fd (the forward-only finite-difference estimate); _checkpointed recomputes every
 # part of the UNet in the backward pass (memsafe.checkpointing), _budget500 only what does not fit in 500 MiB of
 # kept activations (_budget alone: within the free memory), _one evaluates one image per model call (max_batch=1);
 # each gives the same images as the variant without it (up to round-off)
-PER_SAMPLE_VARIANT = re.compile(r"per_sample(?P<step>_fd|_polyak)?(?P<recompute>_checkpointed|_budget(?P<mib>\d+)?)?"
-                                r"(?P<one>_one)?")
-PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_polyak", "per_sample_checkpointed",
+PER_SAMPLE_VARIANT = re.compile(r"per_sample(?P<fd>_fd)?(?P<polyak>_polyak)?"
+                                r"(?P<recompute>_checkpointed|_budget(?P<mib>\d+)?)?(?P<one>_one)?")
+PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_fd_polyak", "per_sample_polyak", "per_sample_checkpointed",
               "per_sample_polyak_checkpointed", "per_sample_polyak_checkpointed_one")
 METHODS = ("plain", "batch_wise", "per_sample_exact", *PER_SAMPLE, "per_sample_polyak_budget", "auto_safe",
            "auto_safe_no_reuse")
@@ -75,6 +76,21 @@ def per_sample_exact(z: Tensor, guidance: memsafe.Guidance, config: MitigationCo
     return torch.cat(out), forwards, backwards
 
 
+def per_sample_variant(method: str, config: MitigationConfig) -> tuple[MitigationConfig, dict[str, Any]]:
+    """The config and the ``adjust_noise`` options (checkpointing, memory_budget, max_batch) that a per_sample*
+    bench name stands for, on top of ``config`` (its target, lr, ...). Raises ValueError on another name."""
+    parts = PER_SAMPLE_VARIANT.fullmatch(method)
+    if parts is None:
+        raise ValueError(f"{method!r} is not a per_sample variant: per_sample[_fd][_polyak][_checkpointed|"
+                         "_budget[MiB]][_one]")
+    variant = config.replace(method="per_sample", gradient="finite_difference" if parts["fd"] else "autograd",
+                             optimizer="polyak" if parts["polyak"] else "adamw")
+    recompute = parts["recompute"] or ""
+    mode = "always" if recompute == "_checkpointed" else "budget" if recompute else "never"
+    return variant, {"checkpointing": mode, "memory_budget": int(parts["mib"]) * 2**20 if parts["mib"] else None,
+                     "max_batch": 1 if parts["one"] else None}
+
+
 # -- one generation with one method ------------------------------------------------------------------------------
 def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict, steps: int,
              config: MitigationConfig) -> dict[str, Any]:
@@ -93,15 +109,9 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
         forward, backward = res.evaluations.forward, res.evaluations.backward
     elif method == "per_sample_exact":
         z, forward, backward = per_sample_exact(z, g, config)
-    elif (parts := PER_SAMPLE_VARIANT.fullmatch(method)) is not None:
-        variant = config.replace(method="per_sample",
-                                 gradient="finite_difference" if parts["step"] == "_fd" else "autograd",
-                                 optimizer="polyak" if parts["step"] == "_polyak" else "adamw")
-        recompute = parts["recompute"] or ""
-        mode = "always" if recompute == "_checkpointed" else "budget" if recompute else "never"
-        budget = int(parts["mib"]) * 2**20 if parts["mib"] else None
-        res = adjust_noise(z, g, variant, model=denoiser.unet, checkpointing=mode, memory_budget=budget,
-                           max_batch=1 if parts["one"] else None)
+    elif PER_SAMPLE_VARIANT.fullmatch(method) is not None:
+        variant, options = per_sample_variant(method, config)
+        res = adjust_noise(z, g, variant, model=denoiser.unet, **options)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
         reuse = g  # the last check, where every image stopped in one call, is the first sampling step
@@ -290,7 +300,8 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str,
 # lab.json row labels of the methods whose efficacy the lab evaluation measured (same seeds, prompts and target)
 LAB_EFFICACY = {"plain": ("main", "no mitigation"), "batch_wise": ("main", "batch-wise"),
                 "per_sample_exact": ("variants", "per_sample_exact"), "per_sample": ("variants", "per_sample"),
-                "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_polyak": ("variants", "per_sample_polyak"),
+                "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_fd_polyak": ("variants", "per_sample_fd_polyak"),
+                "per_sample_polyak": ("variants", "per_sample_polyak"),
                 # checkpointing and one image per call change no numbers (tests/test_checkpointing.py, test_methods.py)
                 "per_sample_checkpointed": ("variants", "per_sample"),
                 "per_sample_polyak_checkpointed": ("variants", "per_sample_polyak"),
@@ -410,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS and PER_SAMPLE_VARIANT.fullmatch(m) is None]
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or a per_sample "
-                "variant per_sample[_fd|_polyak][_checkpointed|_budget[MiB]][_one]")
+                "variant per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
     print(f"bench perf: {args.model} on {args.device} ({machine()}), {args.steps} steps, batch {args.batch}",
           flush=True)
     if args.refresh:  # rewrite perf.md and the lab rows' efficacy from the rows already in perf.json

@@ -101,7 +101,12 @@ def variant_methods() -> list[Method]:
         Method(
             "per_sample_fd",
             "per_sample",
-            lab_config("per_sample", gradient="finite_difference", fd_radius=FD_RADIUS),
+            lab_config("per_sample", gradient="finite_difference", fd_radius=FD_RADIUS, optimizer="adamw"),
+        ),
+        Method(
+            "per_sample_fd_polyak",
+            "per_sample",
+            lab_config("per_sample", gradient="finite_difference", fd_radius=FD_RADIUS, optimizer="polyak"),
         ),
         Method("per_sample_polyak", "per_sample", lab_config("per_sample", optimizer="polyak")),
         *[
