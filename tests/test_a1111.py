@@ -557,6 +557,16 @@ def test_a_bad_setting_stops_the_job_naming_it_or_is_reported_with_the_continue_
     assert f"MemSafe result: NOT APPLIED (setting {name}" in processed.infotexts[0]
 
 
+def test_an_unknown_fail_policy_stops_the_job_naming_the_setting_and_its_choices(host, sd_model, script):
+    # fail closed: a policy that is neither choice must not quietly decide whether an image is mitigated
+    host.shared.opts.memsafe_fail_policy = "Continue"
+    with pytest.raises(a1111.MemSafeError, match="setting memsafe_fail_policy: 'Continue' is not one of "
+                                                 "'Stop the job', 'Continue unmitigated"):
+        run(sd_model, script, on("per_sample"), batch_size=1)
+    assert callbacks(host) == []
+    assert a1111.fail_policy() == a1111.FAIL_STOP
+
+
 def test_images_per_call_setting_caps_the_per_sample_model_calls(host, sd_model, script, monkeypatch):
     rows_with_grad = []
     apply_model = sd_model.apply_model

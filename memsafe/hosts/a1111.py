@@ -56,8 +56,20 @@ def _opt(name: str, default: Any) -> Any:
     return getattr(shared.opts, name, default)
 
 
+FAIL_POLICIES = (FAIL_STOP, FAIL_CONTINUE)
+
+
 def fail_policy() -> str:
-    return _opt("memsafe_fail_policy", FAIL_STOP)
+    """Settings > MemSafe > what a failed mitigation does: FAIL_STOP or FAIL_CONTINUE; any other value (the options
+    API stores anything) counts as FAIL_STOP, fail closed, and :func:`check_settings` reports it."""
+    value = _opt("memsafe_fail_policy", FAIL_STOP)
+    return value if value in FAIL_POLICIES else FAIL_STOP
+
+
+def _check_fail_policy() -> None:
+    value = _opt("memsafe_fail_policy", FAIL_STOP)
+    if value not in FAIL_POLICIES:
+        raise _bad_setting("memsafe_fail_policy", value, "one of " + ", ".join(repr(v) for v in FAIL_POLICIES))
 
 
 def _bad_setting(name: str, value: Any, allowed: str) -> ConfigError:
@@ -120,6 +132,7 @@ def check_settings() -> None:
     is not (and its allowed values): checked when a job starts, with the cache size that :func:`start_job`
     applies, so a bad value (the options API stores anything) stops the job up front instead of being silently
     replaced by a default."""
+    _check_fail_policy()
     checkpointing_setting()
     memory_budget()
     images_per_call()

@@ -35,7 +35,7 @@ def on_ui_settings() -> None:
         "auto", "Default method when MemSafe is ticked", gr.Radio, {"choices": list(UI_METHODS)}, section=SECTION))
     add("memsafe_fail_policy", shared.OptionInfo(
         a1111.FAIL_STOP, "If mitigation was asked for and cannot be applied", gr.Radio,
-        {"choices": [a1111.FAIL_STOP, a1111.FAIL_CONTINUE]}, section=SECTION))
+        {"choices": list(a1111.FAIL_POLICIES)}, section=SECTION))
     add("memsafe_cache_size", shared.OptionInfo(
         64, "Adjusted-noise cache (images; 0 = off)", gr.Slider, {"minimum": 0, "maximum": a1111.MAX_CACHE_SIZE, "step": 1},
         section=SECTION).info("re-running a seed (another upscaler, another batch) reuses its adjusted noise"))
