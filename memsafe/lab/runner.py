@@ -277,9 +277,13 @@ def score(lab: Lab, run: Run) -> None:
     run.aligned, run.align_soft = alignment(lab.classifier, run.images, colour, shape)
 
 
-def _spread(values_by_seed: dict[int, list[float]]) -> tuple[float, float, float]:
-    """(mean, std over seeds of the per-seed means, 95% half-width of the mean over seeds)."""
-    per_seed = [sum(v) / len(v) for v in values_by_seed.values() if v]
+def _spread(seeds: Sequence[int], idx: Sequence[int], values: Sequence[float] | Tensor) -> tuple[float, float, float]:
+    """Of ``values[i]`` for i in ``idx``, grouped by ``seeds[i]`` (the seeds are the independent draws): (mean,
+    std over seeds of the per-seed means, 95% half-width of the mean over seeds)."""
+    by_seed: dict[int, list[float]] = {}
+    for i in idx:
+        by_seed.setdefault(seeds[i], []).append(float(values[i]))
+    per_seed = [sum(v) / len(v) for v in by_seed.values()]
     if not per_seed:
         return math.nan, math.nan, math.nan
     mean = sum(per_seed) / len(per_seed)
@@ -300,10 +304,7 @@ def paired_difference(lab: Lab, run: Run, reference: Run, regime: str) -> dict[s
     out: dict[str, Any] = {"method": run.method.label, "reference": reference.method.label, "regime": regime,
                            "images": len(idx)}
     for name, diff in (("replication", replication), ("alignment", alignment)):
-        by_seed: dict[int, list[float]] = {}
-        for i in idx:
-            by_seed.setdefault(run.seeds[i], []).append(float(diff[i]))
-        mean, _, ci = _spread(by_seed)
+        mean, _, ci = _spread(run.seeds, idx, diff)
         out[f"{name}_difference"], out[f"{name}_difference_ci95"] = mean, ci
     return out
 
@@ -315,13 +316,8 @@ def summarize(lab: Lab, run: Run, regime: str) -> dict[str, Any]:
     if not idx:
         return {}
     rep = (run.nn_sim >= lab.threshold).tolist()
-    by_seed: dict[int, list[float]] = {}
-    align_by_seed: dict[int, list[float]] = {}
-    for i in idx:
-        by_seed.setdefault(run.seeds[i], []).append(float(rep[i]))
-        align_by_seed.setdefault(run.seeds[i], []).append(float(run.aligned[i]))
-    r_mean, r_std, r_ci = _spread(by_seed)
-    a_mean, a_std, a_ci = _spread(align_by_seed)
+    r_mean, r_std, r_ci = _spread(run.seeds, idx, rep)
+    a_mean, a_std, a_ci = _spread(run.seeds, idx, run.aligned)
     own_copy = [
         float(rep[i] and run.prompts[i].copy is not None and int(run.nn_index[i]) == run.prompts[i].copy)
         for i in idx
@@ -336,7 +332,7 @@ def summarize(lab: Lab, run: Run, regime: str) -> dict[str, Any]:
         "method": run.method.label,
         "regime": regime,
         "images": len(idx),
-        "seeds": len(by_seed),
+        "seeds": len({run.seeds[i] for i in idx}),
         "replication": r_mean,
         "replication_std_over_seeds": r_std,
         "replication_ci95": r_ci,
