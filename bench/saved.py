@@ -36,6 +36,7 @@ from memsafe.checkpointing import (
     checkpoint_blocks,
     checkpointed,
     frozen_parameters,
+    measured_plan,
 )
 from memsafe.guidance import tensors_in
 
@@ -88,15 +89,6 @@ def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int
         out["largest_part"] = max(s.total for s in own)
         out["parts"] = len(parts)
     return out
-
-
-def measured_plan(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor]) -> CheckpointPlan:
-    """A checkpointing plan that has measured every part in one forward + backward pass of one image."""
-    plan = CheckpointPlan(unet, checkpoint_blocks(unet))
-    with frozen_parameters(unet), checkpointed(plan.blocks, plan), plan.chunk(1), torch.enable_grad():
-        x = make_x()
-        torch.autograd.grad(run(x).float().pow(2).sum(), [x])
-    return plan
 
 
 def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor], repeats: int,
@@ -171,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [int(float(b) * MiB) for b in args.budgets.split(",") if b.strip()]
     plans: dict[str, CheckpointPlan] = {}
     if budgets:
-        measured = measured_plan(unet, run, make_x)
+        measured = measured_plan(unet, lambda x: run(x).float().pow(2).sum(), make_x(), images=1)
         print("  checkpointing within a budget (memsafe's choice, counted for one image; the floor includes the "
               "largest recomputation):")
         for budget in budgets:

@@ -514,5 +514,18 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def measured_plan(model: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, images: int,
+                  budget: int | None = None) -> CheckpointPlan:
+    """A :class:`CheckpointPlan` for :func:`checkpoint_blocks` of ``model`` that has measured every part in one
+    forward + backward pass of the scalar ``loss(x)`` (weights frozen, gradient with respect to ``x`` only),
+    counted as ``images`` images: what ``adjust_noise``'s first iteration measures. Still measuring: its choice is
+    made by :meth:`CheckpointPlan.choose`, :meth:`~CheckpointPlan.fix` or :meth:`~CheckpointPlan.decide`."""
+    plan = CheckpointPlan(model, checkpoint_blocks(model), budget)
+    x = x.detach().requires_grad_(True)
+    with frozen_parameters(model), checkpointed(plan.blocks, plan), plan.chunk(images), torch.enable_grad():
+        torch.autograd.grad(loss(x), [x])
+    return plan
+
+
 __all__ = ["CheckpointPlan", "PlanSummary", "SavedBytes", "checkpoint_blocks", "checkpointed", "free_memory",
-           "frozen_parameters", "storage_key"]
+           "frozen_parameters", "measured_plan", "storage_key"]

@@ -11,12 +11,12 @@ import torch
 
 from memsafe import InputError, MitigationConfig, adjust_noise
 from memsafe.checkpointing import (
-    CheckpointPlan,
     SavedBytes,
     checkpoint_blocks,
     checkpointed,
     free_memory,
     frozen_parameters,
+    measured_plan,
 )
 
 
@@ -266,14 +266,10 @@ def per_sample_config(guidance, z, iterations=4):
                             max_step=0.02, max_iterations=iterations, scale_with_size=False)
 
 
-def measured_plan(guidance, z, unet):
+def plan_measured_on(guidance, z, unet):
     """A plan that measured every part in one forward + backward pass of the batch (as adjust_noise's first
     iteration does)."""
-    plan = CheckpointPlan(unet, checkpoint_blocks(unet))
-    x = z.clone().requires_grad_(True)
-    with frozen_parameters(unet), checkpointed(plan.blocks, plan), plan.chunk(z.shape[0]), torch.enable_grad():
-        torch.autograd.grad(guidance(x).norm(), [x])
-    return plan
+    return measured_plan(unet, lambda x: guidance(x).norm(), z, images=z.shape[0])
 
 
 def forward_kept_bytes(guidance, z, unet, plan):
@@ -281,13 +277,13 @@ def forward_kept_bytes(guidance, z, unet, plan):
     saved = SavedBytes.excluding_weights(unet)
     x = z.clone().requires_grad_(True)
     with frozen_parameters(unet), checkpointed(plan.blocks, plan), torch.enable_grad(), saved.hooks():
-        guidance(x).norm()  # as measured_plan's pass
+        guidance(x).norm()  # as plan_measured_on's pass
     return saved.total
 
 
 def test_budget_plan_keeps_what_fits_and_its_count_bounds_what_autograd_keeps(guidance, batch, unet):
     z, *_ = batch
-    plan = measured_plan(guidance, z, unet)
+    plan = plan_measured_on(guidance, z, unet)
     assert len(plan.costs) == len(plan.blocks) and all(c.flops > 0 for c in plan.costs.values())
     everything = plan.choose(2**40, 3)
     floor = plan.choose(1, 3)
@@ -316,7 +312,7 @@ def test_a_measured_plan_recomputes_each_part_in_chunks_within_the_largest_one_r
     original = part.transformer_blocks[0]
     part.transformer_blocks[0] = RowsSeen(original, log)
     try:
-        plan = measured_plan(guidance, z, unet)
+        plan = plan_measured_on(guidance, z, unet)
         assert log == [1] * 6  # the measuring recompute, one row at a time (the forward runs without autograd)
         position = {id(b): i for i, b in enumerate(plan.blocks)}[id(part)]
         largest = max(c.peak for c in plan.costs.values())
@@ -338,7 +334,7 @@ def test_a_measured_plan_recomputes_each_part_in_chunks_within_the_largest_one_r
 
 def test_the_plans_log_line_gives_a_fractional_budget_as_set(guidance, batch, unet, caplog):
     z, *_ = batch
-    plan = measured_plan(guidance, z, unet)
+    plan = plan_measured_on(guidance, z, unet)
     plan.budget = int(12.5 * 2**20)  # Settings > MemSafe > VRAM budget 12.5 (MiB)
     with caplog.at_level("INFO", logger="memsafe"):
         assert plan.decide(torch.device("cpu")) is not None
@@ -347,7 +343,7 @@ def test_the_plans_log_line_gives_a_fractional_budget_as_set(guidance, batch, un
 
 def test_budget_plan_recomputes_the_parts_with_the_least_flops_per_kept_byte(guidance, batch, unet):
     z, *_ = batch
-    plan = measured_plan(guidance, z, unet)  # measured for 3 images: costs are the bytes/FLOPs of a 3-image call
+    plan = plan_measured_on(guidance, z, unet)  # measured for 3 images: costs are the bytes/FLOPs of a 3-image call
     position = {id(b): i for i, b in enumerate(plan.blocks)}
     low, high = position[id(unet.mid_block.resnets[0])], position[id(unet.down_blocks[0].resnets[0])]
     # the same convolution FLOPs at 4x4x64 as at 8x8x32, half the bytes: the low resolution is the better keep
@@ -373,7 +369,7 @@ def test_per_sample_with_a_budget_gives_the_same_noise_and_reports_its_choice(gu
     cfg = per_sample_config(guidance, z)
     plain = adjust_noise(z, guidance, cfg, model=unet, checkpointing="never")
     assert plain.checkpoint_plan is None and plain.iterations.min() >= 2
-    plan = measured_plan(guidance, z, unet)
+    plan = plan_measured_on(guidance, z, unet)
     floor, full = plan.choose(1, 3), plan.choose(2**40, 3)
     for budget, kept_parts in ((1, 0), ((floor.floor + full.need) // 2, None), (2**40, full.parts)):
         caplog.clear()
@@ -439,7 +435,7 @@ def test_free_memory_and_a_budget_taken_from_it(guidance, batch, unet, monkeypat
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * 2**20)
     cuda = torch.device("cuda", 0)
     assert free_memory(cuda) == 1200 * 2**20  # free on the device + cached by torch but unused
-    plan = measured_plan(guidance, z, unet)
+    plan = plan_measured_on(guidance, z, unet)
     plan.measuring = True  # as after adjust_noise's first iteration
     s = plan.decide(cuda)
     assert s is not None and s.budget == int(ckpt.FREE_MEMORY_SHARE * 1200 * 2**20) and not plan.measuring
