@@ -179,7 +179,8 @@ def measure_time(args: argparse.Namespace, methods: list[str]) -> dict[str, dict
         info[m]["seconds"] = statistics.median(times[m])
         info[m]["seconds_all"] = times[m]
         # the ratio within each repeat (same sweep, same load), then the median over repeats
-        info[m]["time_ratio"] = statistics.median(t / p for t, p in zip(times[m], times["plain"], strict=True))
+        info[m]["time_ratios"] = [t / p for t, p in zip(times[m], times["plain"], strict=True)]
+        info[m]["time_ratio"] = statistics.median(info[m]["time_ratios"])
     return info
 
 
@@ -353,10 +354,14 @@ def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
              "Written by `python -m bench perf` (see bench/perf.py); ratios are measured side by side in one run.",
              "Peak memory: the RSS on a CPU, CUDA's max allocated on a GPU; peak allocated: the live tensor bytes "
              "(on a CPU from the profiler's allocation records, without the allocator's slack that the RSS counts).",
-             "", "| model | device | batch | method | time ratio | peak memory ratio | peak allocated ratio | "
-             "evaluations / image | replication | alignment | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Time ratio: the median over repeats of each repeat's time against plain's in the same sweep; the "
+             "range: the smallest and largest of those ratios (how much this machine's speed moved).",
+             "", "| model | device | batch | method | time ratio | range over repeats | peak memory ratio | "
+             "peak allocated ratio | evaluations / image | replication | alignment | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
         lines.append(f"| {r['model']} | {r['device']} | {r['batch']} | {r['method']} | {r['time_ratio']:.3f} | "
+                     f"{_range(r.get('time_ratios'))} | "
                      f"{r['peak_memory_ratio']:.3f} | {_fmt(r.get('peak_allocated_ratio'))} | "
                      f"{r['evaluations_per_image']:.1f} | "
                      f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{_shown_command(r)}` |")
@@ -382,6 +387,10 @@ def _command(argv: list[str] | None) -> str:
 
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.3f}"
+
+
+def _range(ratios: list[float] | None) -> str:
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
 
 
 def main(argv: list[str] | None = None) -> None:
