@@ -261,7 +261,7 @@ def measure_memory(args: argparse.Namespace, methods: list[str], allocated: bool
     peaks = {}
     for m in methods:
         cmd = [sys.executable, "-m", "bench", "perf", "--child", m, *(["--child-allocated"] if allocated else []),
-               *[a for a in sys.argv[2:] if a not in ("--no-memory", "--memory-only")]]
+               *[a for a in args.argv if a not in ("--no-memory", "--memory-only")]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
         peaks[m] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
         what = "allocated" if allocated else "memory"
@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allocated", action="store_true",
                    help="CPU: also measure the peak of live tensor bytes (profiler; one more run per method)")
     args = p.parse_args(argv)
+    args.argv = sys.argv[2:] if argv is None else list(argv)  # the child processes measuring memory get the same
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     if args.child:
         measure_memory_child(args)

@@ -1,6 +1,8 @@
 """The benchmark harness's names: what each per_sample* bench name runs, and that the lab efficacy a bench row
 carries was measured with the same settings (bench/perf.py, memsafe/lab/evaluate.py)."""
 
+import json
+
 import pytest
 
 from bench import perf
@@ -56,3 +58,42 @@ def test_the_lab_efficacy_a_bench_row_carries_was_measured_with_the_settings_the
             config = config.replace(fd_radius=measured.config.fd_radius)
         assert config.to_dict() == measured.config.to_dict(), name
         assert measured.max_batch is None, name
+
+
+REQUIRED = ("model", "device", "method", "time_ratio", "peak_memory_ratio", "evaluations_per_image")
+
+
+@pytest.mark.slow
+def test_one_perf_run_writes_the_rows_the_issue_asks_for_with_exact_evaluation_counts(tmp_path):
+    """The harness end to end on a tiny UNet: plain and two methods in one run, time and memory measured (the
+    memory in child processes), rows merged into perf.json and rendered into perf.md."""
+    perf.main(["--model", "tiny", "--steps", "4", "--batch", "2", "--repeats", "2", "--threads", "1",
+               "--target-ratio", "0.01", "--max-iterations", "2", "--out", str(tmp_path),
+               "--methods", "plain,batch_wise,per_sample_polyak"])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "perf.json").read_text())}
+    assert set(rows) == {"plain", "batch_wise", "per_sample_polyak"}
+    for row in rows.values():
+        assert all(row[k] is not None for k in REQUIRED) and row["model"] == "tiny" and row["device"] == "cpu"
+        assert len(row["time_ratios"]) == 2 and row["peak_memory_bytes"] > 0
+    assert rows["plain"]["time_ratio"] == 1.0 and rows["plain"]["peak_memory_ratio"] == 1.0
+    assert rows["plain"]["evaluations_per_image"] == 4  # one CFG call per step
+    # batch-wise (lab preset's 2 iterations, 2 rows each) adds forward passes only
+    assert rows["batch_wise"]["backward_per_image"] == 0 and rows["batch_wise"]["forward_per_image"] > 0
+    # a target far below the risk: both images use the 2 iterations (2 backward passes), plus the final check,
+    # whose outputs are the first sampling step
+    ps = rows["per_sample_polyak"]
+    assert (ps["iterations_mean"], ps["backward_per_image"], ps["forward_per_image"]) == (2.0, 2.0, 3.0)
+    assert ps["reused_calls"] == 1 and ps["evaluations_per_image"] == 3 + 2 + 4 - 1
+    table = (tmp_path / "perf.md").read_text()
+    assert "| tiny | cpu | 2 | per_sample_polyak |" in table
+
+
+def test_the_committed_results_have_the_fields_the_issue_asks_for():
+    rows = json.loads((perf.RESULTS / "perf.json").read_text())
+    for row in rows:
+        assert all(k in row for k in REQUIRED), row["method"]
+    lab = [r for r in rows if r["model"] == "lab"]
+    assert {"plain", "per_sample_exact", "per_sample_polyak"} <= {r["method"] for r in lab}
+    for row in lab:
+        if row["method"] in perf.LAB_EFFICACY:
+            assert 0 <= row["replication_rate"] <= 1 and 0 <= row["alignment"] <= 1, row["method"]
