@@ -214,18 +214,20 @@ class Guidance:
         """One batched denoiser call (cond rows, then uncond rows, as :meth:`pair` makes it) that evaluates every
         image at the inputs of its latest evaluation, with those evaluations' outputs: a sampler whose first step
         makes exactly this call may take ``denoised`` instead of calling the model (CFGDenoiser's ``reuse``, the
-        WebUI's stand-in) and get the same bits: auto mode's risk evaluation, or the per-sample method's last check
-        when every image stopped in the same iteration (always so for one image). Rows may come from different
-        calls of this call's layout (a row's output does not depend on the other rows' values), run with or
-        without autograd (the same kernels; tests/test_sampling.py compares the images bit for bit). None unless
-        the guidance is denoiser-based and batched and every row's latest evaluation sat at its place in a call
-        of this layout's size."""
+        WebUI's stand-in): auto mode's risk evaluation, or the per-sample method's last check of each image, made
+        where it stopped. A row's output does not depend on the other rows' values, so rows may come from
+        different calls, run with or without autograd (the same kernels). Its ``same_bits`` says whether every
+        row sat at its place in a call of this layout's size (auto leaving the noise unchanged, per-sample images
+        all stopping in the same iteration, one image): then ``denoised`` is the bits the sampler's own call gives
+        (tests/test_sampling.py compares the images bit for bit); otherwise it is equal up to batch-size
+        round-off, as batched adjustment is to one image at a time. None unless the guidance is denoiser-based and
+        batched and every row has been evaluated."""
         both = concat_rows(self._cond, self._uncond) if self._batched else None
         rows = self._latest.get(self._model_rows) if both is not None else None
         if rows is None:
             return None
-        x, sigma, denoised = rows
-        return DenoiserCall(x, sigma, both, denoised)
+        x, sigma, denoised, same_bits = rows
+        return DenoiserCall(x, sigma, both, denoised, same_bits)
 
     def call_at(self, z: Tensor) -> DenoiserCall | None:
         """:attr:`last_call` if it evaluated every image at exactly ``z`` (the noise a sampler will start from;
@@ -323,6 +325,7 @@ class DenoiserCall:
     sigma: Tensor
     kwargs: Conditioning
     denoised: Tensor
+    same_bits: bool = True  # False: rows from calls of other sizes, equal to this call's up to round-off
 
     def matches(self, x: Tensor, sigma: Tensor, kwargs: Conditioning) -> bool:
         """Whether ``denoiser(x, sigma, **kwargs)`` is this call again: the same inputs, compared exactly."""
@@ -385,18 +388,21 @@ class LatestRows:
         self.call_rows[where] = x.shape[0]
         self.call_position[where] = torch.arange(where.numel())
 
-    def get(self, where: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(x, sigma, denoised) of rows ``where``, or None unless each of them was last evaluated in a call of
-        ``len(where)`` rows at its place in ``where``: the outputs must be the bits one call of ``where`` gives,
-        and a kernel may round another batch size differently (CPU: 2e-5 apart). What the other rows held does
-        not matter."""
+    def get(self, where: Tensor) -> tuple[Tensor, Tensor, Tensor, bool] | None:
+        """(x, sigma, denoised, same_bits) of rows ``where``, or None unless each of them has been evaluated.
+        ``same_bits``: each row was last evaluated in a call of ``len(where)`` rows at its place in ``where``, so
+        the outputs are the bits one call of ``where`` gives; otherwise they are equal up to the round-off by
+        which a kernel may treat another batch size differently (CPU: 2e-5 apart), as a row's output does not
+        depend on the other rows' values."""
         n = where.numel()
         if (self.x is None or self.sigma is None or self.denoised is None
-                or not bool((self.call_rows[where] == n).all())
-                or not bool(torch.equal(self.call_position[where], torch.arange(n)))):
+                or not bool((self.call_rows[where] > 0).all())):
             return None
+        same_bits = bool((self.call_rows[where] == n).all()) and bool(
+            torch.equal(self.call_position[where], torch.arange(n)))
         at = where.to(self.x.device)
-        return self.x.index_select(0, at), self.sigma.index_select(0, at), self.denoised.index_select(0, at)
+        return (self.x.index_select(0, at), self.sigma.index_select(0, at), self.denoised.index_select(0, at),
+                same_bits)
 
 
 class _DenoiserEps:

@@ -462,8 +462,9 @@ def adjust_noise(
     halved).
     Identical inputs give bit-identical outputs on the same device. Afterwards, a denoiser-based guidance's
     :attr:`~memsafe.Guidance.last_call` is the sampler's first model call when every image was last evaluated at
-    its returned noise in one call of the whole batch (auto leaving the noise unchanged, per-sample images all
-    stopping in the same iteration): ``CFGDenoiser(reuse=guidance)`` then skips that call, with the same bits.
+    its returned noise (auto's risk evaluation for the images it left alone, per-sample's last check where each
+    image stopped): ``CFGDenoiser(reuse=guidance)`` then skips that call, with the same bits when those
+    evaluations were one call of the whole batch (``last_call.same_bits``), else equal up to batch-size round-off.
     """
     if not isinstance(config, MitigationConfig):
         raise InputError(f"memsafe: config must be a MitigationConfig, got {type(config).__name__}")

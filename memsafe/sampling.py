@@ -21,7 +21,8 @@ class CFGDenoiser:
     (the first ``uncond_steps`` steps of the schedule ``sigmas``). One cond row per image. With ``reuse`` (a
     Guidance built on the same denoiser and conditioning), a first call identical to the guidance's
     :attr:`~memsafe.Guidance.last_call` takes its outputs instead of calling the model again: the noise auto mode
-    left unchanged, or where the per-sample method stopped, has been evaluated there already.
+    left unchanged, or where the per-sample method stopped, has been evaluated there already (bit for bit the
+    sampler's call when those evaluations were one call of the whole batch, else up to batch-size round-off).
     """
 
     def __init__(

@@ -409,8 +409,9 @@ class ReuseFirstCall(torch.nn.Module):
     evaluation of every image, made at exactly the noise, sigma and conditioning of the sampler's first step
     (auto mode's risk evaluation when it left the noise unchanged, the per-sample method's last check where it
     stopped), saves that step's model call: if the call's inputs equal the recorded call's (compared exactly), it
-    returns a copy of its output (the same UNet call's numbers); otherwise it runs the model. Either way it puts
-    the model back first."""
+    returns a copy of its output (the same UNet call's numbers, or, where the images' last evaluations were calls
+    of other sizes, the same up to batch-size round-off); otherwise it runs the model. Either way it puts the
+    model back first."""
 
     def __init__(self, owner: Any, call: DenoiserCall) -> None:
         super().__init__()
