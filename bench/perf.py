@@ -114,7 +114,7 @@ def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict,
         res = adjust_noise(z, g, variant, model=denoiser.unet, **options)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
-        reuse = g  # the last check, where every image stopped in one call, is the first sampling step
+        reuse = g  # each image's last check, where it stopped, is the sampler's first call
     elif method in ("auto_safe", "auto_safe_no_reuse"):
         res = adjust_noise(z, g, config.replace(method="auto", risk_threshold=1e6))  # not at risk: nothing moves
         z, forward = res.z, res.evaluations.forward
@@ -298,20 +298,19 @@ def update_memory(args: argparse.Namespace, peaks: dict[str, int], command: str,
     write_rows(rows, args.out)
 
 
-# lab.json row labels of the methods whose efficacy the lab evaluation measured (same seeds, prompts and target)
-LAB_EFFICACY = {"plain": ("main", "no mitigation"), "batch_wise": ("main", "batch-wise"),
-                "per_sample_exact": ("variants", "per_sample_exact"), "per_sample": ("variants", "per_sample"),
-                "per_sample_fd": ("variants", "per_sample_fd"), "per_sample_fd_polyak": ("variants", "per_sample_fd_polyak"),
-                "per_sample_polyak": ("variants", "per_sample_polyak"),
-                # checkpointing and one image per call change no numbers (tests/test_checkpointing.py, test_methods.py)
-                "per_sample_checkpointed": ("variants", "per_sample"),
-                "per_sample_polyak_checkpointed": ("variants", "per_sample_polyak"),
-                "per_sample_polyak_checkpointed_one": ("variants", "per_sample_polyak")}
+LAB_MAIN = {"plain": "no mitigation", "batch_wise": "batch-wise"}  # bench name: lab.json "main" label
 
 
-def _lab_equivalent(method: str) -> str:
-    """A checkpointing-under-a-budget variant gives the images of the same variant with every part recomputed."""
-    return re.sub(r"_budget\d*", "_checkpointed", method)
+def lab_efficacy_row(method: str) -> tuple[str, str] | None:
+    """The lab.json row (section, label) that measured the efficacy of bench ``method`` on the same seeds, prompts
+    and target, or None. A per_sample* name reads the lab variant of its step and gradient: checkpointing, a
+    budget and one image per call change no numbers (tests/test_checkpointing.py, tests/test_methods.py)."""
+    if method in LAB_MAIN:
+        return "main", LAB_MAIN[method]
+    if method == "per_sample_exact":
+        return "variants", method
+    parts = PER_SAMPLE_VARIANT.fullmatch(method)
+    return None if parts is None else ("variants", "per_sample" + (parts["fd"] or "") + (parts["polyak"] or ""))
 
 
 def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
@@ -322,10 +321,10 @@ def attach_lab_efficacy(rows: list[dict[str, Any]]) -> None:
         return
     lab = json.loads(path.read_text())
     for row in rows:
-        method = _lab_equivalent(row["method"])
-        if row["model"] != "lab" or method not in LAB_EFFICACY:
+        where = lab_efficacy_row(row["method"]) if row["model"] == "lab" else None
+        if where is None:
             continue
-        section, label = LAB_EFFICACY[method]
+        section, label = where
         for r in lab.get(section, []):
             if r["method"] == label and r["regime"] == "cfg_driven":
                 row.update(replication_rate=r["replication"], replication_ci95=r["replication_ci95"],
