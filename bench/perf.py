@@ -92,9 +92,56 @@ def per_sample_variant(method: str, config: MitigationConfig) -> tuple[Mitigatio
 
 
 # -- one generation with one method ------------------------------------------------------------------------------
+class UNetCalls:
+    """Counts the whole-UNet calls made while it is entered: ``calls`` without autograd (sampler steps,
+    batch-wise, checks made without a gradient), ``grad_calls`` under autograd, ``backward_calls`` the backward
+    passes through one of those (a check that stops an image has none), and the model rows (2 per image under
+    CFG) of each kind. Where a call's cost is set by the weights more than by its rows (small latents, small
+    batches, one thread), a call costs about the same with one image as with all, so these counts, not the
+    per-image evaluations, are what the time follows once images stop after different numbers of iterations. A
+    checkpointed part's recomputation is not a whole call and is not counted."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.calls = self.rows = self.grad_calls = self.grad_rows = self.backward_calls = 0
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        rows = (args[0] if args else kwargs["sample"]).shape[0]
+        out = output if isinstance(output, Tensor) else getattr(output, "sample", None)
+        if out is None:
+            out = output[0]  # diffusers with return_dict=False
+        if not (torch.is_grad_enabled() and out.requires_grad):
+            self.calls, self.rows = self.calls + 1, self.rows + rows
+            return
+        self.grad_calls, self.grad_rows = self.grad_calls + 1, self.grad_rows + rows
+        out.register_hook(self._count_backward)  # runs when a backward pass reaches this call's output
+
+    def _count_backward(self, grad: Tensor) -> None:
+        self.backward_calls += 1
+
+    def __enter__(self) -> UNetCalls:
+        self._handle = self.unet.register_forward_hook(self._count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def as_row(self) -> dict[str, int]:
+        return {"unet_calls": self.calls, "unet_rows": self.rows, "unet_grad_calls": self.grad_calls,
+                "unet_grad_rows": self.grad_rows, "unet_backward_calls": self.backward_calls}
+
+
 def generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict, steps: int,
              config: MitigationConfig) -> dict[str, Any]:
-    """Images from noise ``z`` with ``method``; returns the images and the model evaluations per image."""
+    """Images from noise ``z`` with ``method``; returns the images, the model evaluations per image and the
+    whole-UNet calls (:class:`UNetCalls`)."""
+    with UNetCalls(subject.denoiser.unet) as unet_calls:
+        out = _generate(subject, method, z, cond, uncond, steps, config)
+    return {**out, **unet_calls.as_row()}
+
+
+def _generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict, steps: int,
+              config: MitigationConfig) -> dict[str, Any]:
     denoiser = subject.denoiser
     sigmas = denoiser.get_sigmas(steps).to(subject.device)
     sigma0 = float(sigmas[0])
@@ -355,16 +402,26 @@ def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
              "(on a CPU from the profiler's allocation records, without the allocator's slack that the RSS counts).",
              "Time ratio: the median over repeats of each repeat's time against plain's in the same sweep; the "
              "range: the smallest and largest of those ratios (how much this machine's speed moved).",
+             "UNet calls (rows recorded since they were counted): whole-UNet calls of one generation without "
+             "autograd / under autograd / backward passes; where the weights set a call's cost, a call with one "
+             "image costs about what one with all does, so these predict the time better than the per-image "
+             "evaluations once images stop after different numbers of iterations.",
              "", "| model | device | batch | method | time ratio | range over repeats | peak memory ratio | "
-             "peak allocated ratio | evaluations / image | replication | alignment | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak allocated ratio | evaluations / image | UNet calls | replication | alignment | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
         lines.append(f"| {r['model']} | {r['device']} | {r['batch']} | {r['method']} | {r['time_ratio']:.3f} | "
                      f"{_range(r.get('time_ratios'))} | "
                      f"{r['peak_memory_ratio']:.3f} | {_fmt(r.get('peak_allocated_ratio'))} | "
-                     f"{r['evaluations_per_image']:.1f} | "
+                     f"{r['evaluations_per_image']:.1f} | {_unet_calls(r)} | "
                      f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{_shown_command(r)}` |")
     (out / "perf.md").write_text("\n".join(lines) + "\n")
+
+
+def _unet_calls(row: dict[str, Any]) -> str:
+    """'no-grad / autograd / backward' whole-UNet calls, blank for rows measured before they were counted."""
+    keys = ("unet_calls", "unet_grad_calls", "unet_backward_calls")
+    return " / ".join(str(row[k]) for k in keys) if all(k in row for k in keys) else ""
 
 
 def _shown_command(row: dict[str, Any]) -> str:

@@ -87,8 +87,13 @@ def test_one_perf_run_writes_the_rows_the_issue_asks_for_with_exact_evaluation_c
     ps = rows["per_sample_polyak"]
     assert (ps["iterations_mean"], ps["backward_per_image"], ps["forward_per_image"]) == (2.0, 2.0, 3.0)
     assert ps["reused_calls"] == 1 and ps["evaluations_per_image"] == 3 + 2 + 4 - 1
+    # the same as whole-UNet calls of the batch (cond and uncond rows together): plain's 4 steps; Polyak's first
+    # evaluation and its 2 checks under autograd, a backward pass after the 2 that did not stop, 3 sampler calls
+    assert (rows["plain"]["unet_calls"], rows["plain"]["unet_rows"], rows["plain"]["unet_grad_calls"]) == (4, 16, 0)
+    assert (ps["unet_calls"], ps["unet_grad_calls"], ps["unet_grad_rows"], ps["unet_backward_calls"]) == (3, 3, 12, 2)
+    assert rows["batch_wise"]["unet_grad_calls"] == 0 and rows["batch_wise"]["unet_calls"] > 4
     table = (tmp_path / "perf.md").read_text()
-    assert "| tiny | cpu | 2 | per_sample_polyak |" in table
+    assert "| tiny | cpu | 2 | per_sample_polyak |" in table and " | 3 / 3 / 2 | " in table
 
 
 def test_the_committed_results_have_the_fields_the_issue_asks_for():
