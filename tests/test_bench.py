@@ -105,3 +105,20 @@ def test_the_committed_results_have_the_fields_the_issue_asks_for():
     for row in lab:
         if perf.lab_efficacy_row(row["method"]) is not None:
             assert 0 <= row["replication_rate"] <= 1 and 0 <= row["alignment"] <= 1, row["method"]
+
+
+def test_bench_adjust_counts_one_adjustment_in_unet_calls_and_predicts_from_the_reuse():
+    """bench adjust on a tiny UNet: a target far below the risk holds both images to the 2 iterations; the
+    counts are those of one adjustment (the first evaluation and 2 checks under autograd, 2 backward passes), the
+    last check is the sampler's first call, and the prediction is 1 + (calls - reused) / steps."""
+    from bench import adjust
+
+    args = adjust.parse_args(["--model", "tiny", "--batch", "2", "--steps", "10", "--repeats", "2", "--threads", "1",
+                              "--target-ratio", "0.01", "--max-iterations", "2"])
+    report = adjust.measure(args)
+    assert report["iterations"] == [2, 2]
+    assert (report["unet_calls"], report["unet_grad_calls"], report["unet_backward_calls"]) == (0, 3, 2)
+    assert report["reused"] == 1 and len(report["ratios"]) == 2 and all(r > 0 for r in report["ratios"])
+    assert report["predicted_ratio"] == pytest.approx(1 + (report["calls"] - 1) / 10)
+    with pytest.raises(SystemExit):
+        adjust.parse_args(["--method", "batch_wise"])
