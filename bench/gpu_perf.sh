@@ -8,7 +8,8 @@
 #
 #   OUT=/some/dir bash bench/gpu_perf.sh          # PYTHON=/path/to/python to choose the interpreter
 #
-# Writes $OUT/perf.json and perf.md (rows as bench/results/perf.json), sd15.log, saved.log, sdxl.log, summary.txt. Fits a
+# Writes $OUT/perf.json and perf.md (rows as bench/results/perf.json), sd15.log, saved.log, adjust_*.log, sdxl.log,
+# summary.txt. Fits a
 # 10-minute limit. Then, here: python -m bench perf --import-rows $OUT/perf.json  (merges into bench/results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,12 @@ step sd15 240 "$PY" -m bench perf --model sd15 --steps 50 "${COMMON[@]}" || FAIL
 # budgets keeps and costs: counts, seconds
 step saved 120 "$PY" -m bench saved --model sd15 --latent 64 --dtype float16 --budgets 300,600,1200 \
   --time-repeats 3 || FAILED=1
+# one adjustment (every image held to 3 iterations, as the CPU rows) against the sampler's CFG calls made just
+# before it: the per-sample time ratio at 50 steps from timings seconds apart
+for method in per_sample_polyak per_sample_polyak_checkpointed; do
+  step "adjust_$method" 60 "$PY" -m bench adjust --model sd15 --dtype float16 --batch 2 --steps 50 \
+    --target-ratio 0.01 --max-iterations 3 --repeats 5 --method "$method" || FAILED=1
+done
 LEFT=$((570 - ($(date +%s) - START)))
 if [ $LEFT -gt 60 ]; then
   step sdxl "$LEFT" "$PY" -m bench perf --model sdxl --steps 30 "${COMMON[@]}" || FAILED=1
@@ -36,5 +43,6 @@ else
 fi
 grep -h "time x" "$OUT"/sd15.log "$OUT"/sdxl.log 2>/dev/null | tee -a "$SUMMARY"
 grep -h "MiB" "$OUT"/saved.log 2>/dev/null | tee -a "$SUMMARY"
+grep -h "bench adjust\|predicted" "$OUT"/adjust_*.log 2>/dev/null | tee -a "$SUMMARY"
 note "total: $(($(date +%s) - START)) s; $([ $FAILED -eq 0 ] && echo PASS || echo FAIL)"
 exit $FAILED
