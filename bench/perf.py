@@ -386,14 +386,35 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
     return row["model"], row["device"], row["method"], row["batch"]
 
 
+def _method_rank(method: str) -> tuple[int, str]:
+    """Where a method's row goes within its (model, device, batch) group: the order of :data:`METHODS`, then any
+    other per-sample variant by name (budgets by size: 500 before 1000), then the rest by name."""
+    if method in METHODS:
+        return METHODS.index(method), ""
+    name = re.sub(r"\d+", lambda digits: digits.group().zfill(9), method)
+    return (len(METHODS), name) if PER_SAMPLE_VARIANT.fullmatch(method) else (len(METHODS) + 1, name)
+
+
+def _model_rank(model: str) -> tuple[str, int]:
+    """Models by name, a reduced latent size (``sd15@8``) before the native one, smaller sizes first."""
+    name, _, side = model.partition("@")
+    return name, int(side) if side.isdigit() else 1 << 30
+
+
+def _row_order(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Rows of one model, device and batch together, plain first: a table that reads group by group however
+    the rows arrived (timed runs, memory-only runs, imported GPU rows)."""
+    return row["device"], _model_rank(row["model"]), row["batch"], _method_rank(row["method"])
+
+
 def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
     """Merge ``rows`` into ``out``/perf.json (a new row replaces the one of the same model, device, method and
-    batch) and rewrite ``out``/perf.md from all rows."""
+    batch), keep them in :func:`_row_order`, and rewrite ``out``/perf.md from all rows."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "perf.json"
     existing = json.loads(path.read_text()) if path.exists() else []
     keys = {_row_key(r) for r in rows}
-    merged = [r for r in existing if _row_key(r) not in keys] + rows
+    merged = sorted([r for r in existing if _row_key(r) not in keys] + rows, key=_row_order)
     attach_lab_efficacy(merged)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     lines = ["# Cost of the methods against plain generation", "",
@@ -437,8 +458,17 @@ def _model_label(args: argparse.Namespace) -> str:
 
 
 def _command(argv: list[str] | None) -> str:
-    """The command line that reproduces this run, as recorded in the rows."""
-    return "python -m bench perf " + " ".join(sys.argv[2:] if argv is None else argv)
+    """The command line that reproduces this run, as recorded in the rows: without ``--out``, which only says
+    where the rows went (a scratch folder, before ``--import-rows`` merged them into bench/results)."""
+    args = list(sys.argv[2:] if argv is None else argv)
+    kept = []
+    while args:
+        arg = args.pop(0)
+        if arg == "--out":
+            args = args[1:]
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return "python -m bench perf " + " ".join(kept)
 
 
 def _fmt(v: Any) -> str:

@@ -96,6 +96,36 @@ def test_one_perf_run_writes_the_rows_the_issue_asks_for_with_exact_evaluation_c
     assert "| tiny | cpu | 2 | per_sample_polyak |" in table and " | 3 / 3 / 2 | " in table
 
 
+def _row(model: str, method: str, batch: int = 2, device: str = "cpu", ratio: float = 1.0) -> dict:
+    return {"model": model, "device": device, "method": method, "batch": batch, "time_ratio": ratio,
+            "peak_memory_ratio": ratio, "evaluations_per_image": 1.0, "command": f"python -m bench perf {model}"}
+
+
+def test_written_rows_stay_grouped_by_model_device_and_batch_whatever_order_they_arrive_in(tmp_path):
+    """A memory-only run, an imported GPU run or a new variant adds rows at the end of the list it merges into;
+    the files still read group by group, plain first, a replaced row taking its new values in its place."""
+    perf.write_rows([_row("sd15", "per_sample_polyak"), _row("lab", "plain", 8), _row("sd15", "plain")], tmp_path)
+    perf.write_rows([_row("sd15", "per_sample_polyak_budget1000_one"), _row("sd15", "per_sample_polyak_budget500_one"),
+                     _row("sd15", "plain", device="cuda"),
+                     _row("sd15@8", "batch_wise"), _row("sd15", "per_sample_polyak", ratio=1.2),
+                     _row("sd15", "plain", 1), _row("sd15", "batch_wise")], tmp_path)
+    rows = json.loads((tmp_path / "perf.json").read_text())
+    assert [(r["device"], r["model"], r["batch"], r["method"]) for r in rows] == [
+        ("cpu", "lab", 8, "plain"), ("cpu", "sd15@8", 2, "batch_wise"), ("cpu", "sd15", 1, "plain"),
+        ("cpu", "sd15", 2, "plain"), ("cpu", "sd15", 2, "batch_wise"), ("cpu", "sd15", 2, "per_sample_polyak"),
+        ("cpu", "sd15", 2, "per_sample_polyak_budget500_one"), ("cpu", "sd15", 2, "per_sample_polyak_budget1000_one"),
+        ("cuda", "sd15", 2, "plain")]
+    assert rows[5]["time_ratio"] == 1.2  # the replaced row, in its place
+    table = [line for line in (tmp_path / "perf.md").read_text().splitlines() if line.startswith("| ")][1:]  # after the header
+    assert [line.split(" | ")[3] for line in table] == [r["method"] for r in rows]
+
+
+def test_recorded_commands_leave_out_the_scratch_folder_the_rows_were_written_to():
+    assert perf._command(["--model", "sd15", "--out", "/tmp/m2", "--batch", "2"]) == \
+        "python -m bench perf --model sd15 --batch 2"
+    assert perf._command(["--out=/tmp/x", "--model", "lab"]) == "python -m bench perf --model lab"
+
+
 def test_the_committed_results_have_the_fields_the_issue_asks_for():
     rows = json.loads((perf.RESULTS / "perf.json").read_text())
     for row in rows:
