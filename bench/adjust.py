@@ -25,27 +25,20 @@ from memsafe import CFGDenoiser, Guidance, adjust_noise, guidance_from_denoiser
 from memsafe.methods import AdjustResult
 
 from . import perf
+from .models import add_subject_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked: exits with a message naming the option on a bad value."""
     p = argparse.ArgumentParser(prog="python -m bench adjust", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl", "lab"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
+    add_subject_arguments(p)
     p.add_argument("--steps", type=int, default=50, help="sampler steps the prediction is for")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--method", default="per_sample_polyak",
                    help="a per-sample variant of bench perf: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
-    p.add_argument("--target-ratio", type=float, default=0.8, help="per-sample target as a fraction of min risk")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--rho", type=float, default=5.0)
-    p.add_argument("--fd-radius", type=float, default=0.5)
-    p.add_argument("--max-iterations", type=int, default=50)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    perf.add_per_sample_arguments(p)
     args = p.parse_args(argv)
     if perf.PER_SAMPLE_VARIANT.fullmatch(args.method) is None:
         p.error(f"--method {args.method!r}: allowed are the per-sample variants "

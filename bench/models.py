@@ -7,6 +7,7 @@ timestep from sigma by interpolation in log-sigma), written out so the benchmark
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -161,3 +162,14 @@ def build_lab(device: str = "cpu") -> Subject:
     captions = tuple(m.caption for m in model.data_spec.memorized if m.regime == "cfg_driven")
     return Subject("lab", EpsDenoiser(model.unet).to(device), (3, 16, 16), torch.device(device),
                    encode=model.encode, captions=captions)
+
+
+def add_subject_arguments(p: argparse.ArgumentParser, models: tuple[str, ...] = ("tiny", "sd15", "sdxl", "lab")
+                          ) -> None:
+    """The options every bench command builds its model from (:func:`build`), and its CPU threads: --model,
+    --device, --dtype, --latent, --threads."""
+    p.add_argument("--model", default="sd15", choices=list(models))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")

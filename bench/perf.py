@@ -35,7 +35,7 @@ from torch import Tensor
 import memsafe
 from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
 
-from .models import CONFIGS, Subject, build, sample_euler
+from .models import CONFIGS, Subject, add_subject_arguments, build, sample_euler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # per_sample* variants: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]; AdamW unless _polyak, autograd
@@ -479,27 +479,28 @@ def _range(ratios: list[float] | None) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl", "lab"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS))
+def add_per_sample_arguments(p: argparse.ArgumentParser) -> None:
+    """The per-sample settings that ``bench perf`` and ``bench adjust`` share (:func:`setup` reads them)."""
     p.add_argument("--target-ratio", type=float, default=0.8, help="per-sample target as a fraction of min risk")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--rho", type=float, default=5.0)
     p.add_argument("--fd-radius", type=float, default=0.5)
     p.add_argument("--max-iterations", type=int, default=50)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_subject_arguments(p)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default=",".join(METHODS))
+    add_per_sample_arguments(p)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true", help="only (re)measure memory of existing rows")
     p.add_argument("--refresh", action="store_true",
                    help="only rewrite perf.md (and the lab rows' efficacy from lab.json) from perf.json")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of perf.json/perf.md (default bench/results)")
     p.add_argument("--import-rows", type=Path, default=None, metavar="PERF_JSON",
                    help="only merge the rows of another perf.json (e.g. a GPU run's) into --out")

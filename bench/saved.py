@@ -40,7 +40,7 @@ from memsafe.checkpointing import (
 )
 from memsafe.guidance import tensors_in
 
-from .models import build
+from .models import add_subject_arguments, build
 
 MiB = 2**20
 
@@ -121,11 +121,7 @@ def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Call
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench saved", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", choices=["tiny", "sd15", "sdxl"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    add_subject_arguments(p, models=("tiny", "sd15", "sdxl"))
     p.add_argument("--time-repeats", type=int, default=0, help="also time backward against forward (N repeats)")
     p.add_argument("--budgets", default="", help="MiB, comma-separated: what checkpointing within each budget "
                    "keeps and recomputes (counted), timed with --time-repeats")
