@@ -25,10 +25,10 @@ source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja o
 COMMON=(--device cuda --dtype float16 --batch 2 --repeats 3 --target-ratio 0.9 --max-iterations 10 --out "$OUT")
 FAILED=0
 step sd15 240 "$PY" -m bench perf --model sd15 --steps 50 "${COMMON[@]}" || FAILED=1
-# what one image's backward keeps on the GPU (CUDA attention kernels, fp16), and what checkpointing within a few
-# budgets keeps and costs: counts, seconds
+# what one image's backward keeps on the GPU (CUDA attention kernels, fp16), what checkpointing within a few
+# budgets keeps and costs (counts, seconds), and where a backward pass spends its time (per operator family)
 step saved 120 "$PY" -m bench saved --model sd15 --latent 64 --dtype float16 --budgets 300,600,1200 \
-  --time-repeats 3 || FAILED=1
+  --time-repeats 3 --profile 3 || FAILED=1
 # one adjustment (every image held to 3 iterations, as the CPU rows) against the sampler's CFG calls made just
 # before it: the per-sample time ratio at 50 steps from timings seconds apart
 for method in per_sample_polyak per_sample_polyak_checkpointed; do
@@ -42,7 +42,7 @@ else
   note "sdxl: skipped (${LEFT} s left)"
 fi
 grep -h "time x" "$OUT"/sd15.log "$OUT"/sdxl.log 2>/dev/null | tee -a "$SUMMARY"
-grep -h "MiB" "$OUT"/saved.log 2>/dev/null | tee -a "$SUMMARY"
+grep -h "MiB\|profile\|its forward" "$OUT"/saved.log 2>/dev/null | tee -a "$SUMMARY"
 grep -h "bench adjust\|predicted" "$OUT"/adjust_*.log 2>/dev/null | tee -a "$SUMMARY"
 note "total: $(($(date +%s) - START)) s; $([ $FAILED -eq 0 ] && echo PASS || echo FAIL)"
 exit $FAILED

@@ -14,7 +14,10 @@ for the backward pass once (by storage; the weights themselves are not counted):
 Counts, not timings: exact on any machine. Transient buffers (a kernel's workspace, the gradients flowing back)
 are not in it; ``python -m bench perf --memory-only`` measures the whole peak. With ``--time-repeats N`` it also
 times a forward pass against a forward + backward pass (frozen weights, gradient with respect to the input only),
-interleaved, and prints the median ratio: what one per-sample gradient costs in forward passes.
+interleaved, and prints the median ratio: what one per-sample gradient costs in forward passes. With
+``--profile N`` it says where those passes spend their time (torch.profiler, N times a forward without autograd
+and a backward pass, frozen weights): seconds per operator family (attention, convolution, linear, the rest) and
+each family's backward over its forward, medians over the N: the floor that no step size or batching moves.
 """
 
 from __future__ import annotations
@@ -118,6 +121,88 @@ def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Call
     return ratios
 
 
+OP_FAMILIES = (  # (family, substrings of the aten operator names it takes), first match wins
+    ("attention", ("attention", "softmax", "aten::bmm", "aten::baddbmm")),
+    ("convolution", ("conv",)),
+    ("linear", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")),
+)
+
+
+def op_family(name: str) -> str:
+    """The family an operator's time counts to: ``attention``, ``convolution``, ``linear`` or ``other``."""
+    name = name.lower()  # autograd nodes too: ConvolutionBackward0, ScaledDotProduct...AttentionBackward0
+    return next((family for family, keys in OP_FAMILIES if any(k in name for k in keys)), "other")
+
+
+def profile_passes(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor], repeats: int = 1
+                   ) -> list[dict[str, dict[str, float]]]:
+    """Per repeat, seconds per operator family of one forward pass without autograd and of the backward pass that
+    follows it (frozen weights, gradient with respect to the input), after a warm-up of both: self time of the
+    operators (on a GPU the time of the kernels each launched itself, else CPU time), so nothing counts twice."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = next(unet.parameters()).is_cuda
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def families(prof: profile) -> dict[str, float]:
+        out = {family: 0.0 for family, _ in OP_FAMILIES} | {"other": 0.0}
+        for event in prof.key_averages():
+            if event.device_type != DeviceType.CPU:
+                continue  # a kernel's own entry: its time already counts to the operator that launched it
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            out[op_family(event.key)] += us / 1e6
+        return out
+
+    runs = []
+    with frozen_parameters(unet):
+        with torch.no_grad():
+            run(make_x())
+        x = make_x()
+        torch.autograd.grad(run(x).float().pow(2).sum(), [x])  # warm-up: the backward's kernels, its memory
+        sync()
+        for _ in range(repeats):  # a forward, then a backward: seconds apart, so the machine's drift hits both
+            with profile(activities=activities) as prof:
+                with torch.no_grad():
+                    run(make_x())
+                sync()
+            forward = families(prof)
+            x = make_x()
+            loss = run(x).float().pow(2).sum()
+            sync()
+            with profile(activities=activities) as prof:
+                torch.autograd.grad(loss, [x])
+                sync()
+            runs.append({"forward": forward, "backward": families(prof)})
+            del loss, x
+    return runs
+
+
+def print_profile(runs: list[dict[str, dict[str, float]]]) -> None:
+    """The :func:`profile_passes` times as lines: per family the median seconds of each pass, its share, and the
+    median over repeats of its backward over its forward; first the same for the whole passes."""
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+    totals = [(sum(r["forward"].values()), sum(r["backward"].values())) for r in runs]
+    if not runs or any(f <= 0 or b <= 0 for f, b in totals):
+        print("  profile: the profiler recorded no operator times (on a GPU: no kernels linked to operators)")
+        return
+    ratios = [b / f for f, b in totals]
+    total_f, total_b = median([f for f, _ in totals]), median([b for _, b in totals])
+    print(f"  profile (self time per operator family, median of {len(runs)} repeats of a forward without "
+          f"autograd and a backward pass): forward {total_f:.3f} s, backward {total_b:.3f} s; a backward costs "
+          f"{median(ratios):.2f} forwards (repeats: {', '.join(f'{r:.2f}' for r in ratios)})")
+    for family in runs[0]["forward"]:
+        fwd = median([r["forward"][family] for r in runs])
+        bwd = median([r["backward"][family] for r in runs])
+        each = [r["backward"][family] / r["forward"][family] for r in runs if r["forward"][family] > 0]
+        ratio = f"{median(each):5.2f}x its forward" if each else "   - "
+        print(f"    {family:12s} forward {fwd:8.3f} s ({fwd / total_f:4.0%})  backward {bwd:8.3f} s "
+              f"({bwd / total_b:4.0%}), {ratio}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench saved", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-repeats", type=int, default=0, help="also time backward against forward (N repeats)")
     p.add_argument("--budgets", default="", help="MiB, comma-separated: what checkpointing within each budget "
                    "keeps and recomputes (counted), timed with --time-repeats")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N forward and backward passes: time per operator family (attention, ...)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, ratios in backward_cost(unet, run, make_x, args.time_repeats, settings).items():
             print(f"  {name}: a backward pass costs {statistics.median(ratios):.2f} forward passes (median of "
                   f"{len(ratios)}: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+    if args.profile:
+        print_profile(profile_passes(unet, run, make_x, args.profile))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ carries was measured with the same settings (bench/perf.py, memsafe/lab/evaluate
 import json
 
 import pytest
+import torch
 
 from bench import perf
 from memsafe.lab.evaluate import FD_RADIUS, variant_methods
@@ -152,3 +153,37 @@ def test_bench_adjust_counts_one_adjustment_in_unet_calls_and_predicts_from_the_
     assert report["predicted_ratio"] == pytest.approx(1 + (report["calls"] - 1) / 10)
     with pytest.raises(SystemExit):
         adjust.parse_args(["--method", "batch_wise"])
+
+
+def test_bench_saved_profile_splits_both_passes_by_operator_family(capsys):
+    """bench saved --profile on a tiny UNet (it has convolutions, attention and linear layers): every family
+    that the UNet runs gets time in both passes, and the printed totals and ratios are those of the families."""
+    from bench import saved
+    from bench.models import build
+
+    assert [saved.op_family(n) for n in ("aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                                         "aten::_softmax", "aten::convolution_backward", "aten::mkldnn_convolution",
+                                         "aten::addmm", "aten::mm", "aten::native_group_norm",
+                                         "autograd::engine::evaluate_function: ConvolutionBackward0")] == [
+        "attention", "attention", "convolution", "convolution", "linear", "linear", "other", "convolution"]
+    subject = build("tiny")
+    cond, _ = subject.conditioning(1, seed=0)
+    sigma = subject.denoiser.get_sigmas(10)[:1]
+
+    def make_x() -> torch.Tensor:
+        return torch.randn(1, *subject.latent).requires_grad_(True)
+
+    runs = saved.profile_passes(subject.denoiser.unet, lambda x: subject.denoiser(x, sigma, **cond), make_x, 3)
+    assert len(runs) == 3
+    for times in runs:
+        assert set(times) == {"forward", "backward"}
+        for passed in times.values():
+            assert set(passed) == {"attention", "convolution", "linear", "other"}
+            assert all(t > 0 for t in passed.values())
+    assert all(p.requires_grad for p in subject.denoiser.unet.parameters())  # the weights are given back
+    saved.print_profile(runs)
+    out = capsys.readouterr().out
+    ratios = sorted(sum(r["backward"].values()) / sum(r["forward"].values()) for r in runs)
+    assert f"a backward costs {ratios[1]:.2f} forwards" in out
+    conv = sorted(r["backward"]["convolution"] / r["forward"]["convolution"] for r in runs)[1]
+    assert f"{conv:5.2f}x its forward" in next(line for line in out.splitlines() if "convolution" in line)
