@@ -5,6 +5,7 @@
 #   bash dev.sh test               ruff, then the whole test suite (what CI runs)
 #   bash dev.sh bench [...]        the benchmarks in bench/ (see README)
 #   bash dev.sh setup              only the environment
+#   bash dev.sh gpu-wheels         the wheels bench/gpu_perf.sh needs on the GPU machine, into ./.whl (ignored)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -41,8 +42,21 @@ case "$job" in
     setup
     "$VENV/bin/python" -m bench "$@"
     ;;
+  gpu-wheels)
+    # The device machine's image has a CUDA torch, numpy, huggingface-hub, safetensors, ... but not diffusers
+    # (bench/models.py builds its UNets with it) nor these of its needs: pure-Python wheels, at the versions
+    # requirements-dev.txt pins. bench/gpu_lib.sh installs whatever lies in .whl first: carry .whl with the run.
+    setup
+    rm -rf .whl
+    pins=()
+    for name in diffusers importlib_metadata lazy-importer zipp; do
+      pins+=("$(grep "^$name==" requirements-dev.txt)")
+    done
+    "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d .whl "${pins[@]}"
+    ls .whl
+    ;;
   *)
-    echo "usage: bash dev.sh {demo|test|bench|setup} [args...]" >&2
+    echo "usage: bash dev.sh {demo|test|bench|setup|gpu-wheels} [args...]" >&2
     exit 2
     ;;
 esac

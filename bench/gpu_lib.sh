@@ -21,6 +21,19 @@ if ! PY=$(pick_python); then
   exit 2
 fi
 
+# Wheels carried in .whl (`bash dev.sh gpu-wheels` here; diffusers and its needs, which the GPU machine's image
+# lacks): installed into a folder of their own, first on the path, before anything runs.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=${TMPDIR:-/tmp}/memsafe-gpu-site
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      .whl/*.whl >"$OUT/wheels.log" 2>&1; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    note "wheels: installed $(ls .whl | tr '\n' ' ')"
+  else
+    note "wheels: FAILED to install .whl/*.whl (log: wheels.log)"
+  fi
+fi
+
 # ninja: torch runs it from PATH; a venv used without activation keeps it in its bin folder.
 if ! command -v ninja >/dev/null 2>&1; then
   NINJA_DIR=$("$PY" -c "import ninja, os; print(ninja.BIN_DIR)" 2>/dev/null || dirname "$PY")

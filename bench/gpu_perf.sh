@@ -8,6 +8,10 @@
 #
 #   OUT=/some/dir bash bench/gpu_perf.sh          # PYTHON=/path/to/python to choose the interpreter
 #
+# Needs: torch with CUDA and diffusers. The device machine's image has no diffusers: first, here, `bash dev.sh
+# gpu-wheels` (into .whl, git-ignored), then carry .whl with the run; bench/gpu_lib.sh installs it. The script
+# stops at once, before any timing, if diffusers still cannot build a UNet.
+#
 # Writes $OUT/perf.json and perf.md (rows as bench/results/perf.json), sd15.log, saved.log, adjust_*.log, sdxl.log,
 # summary.txt. Fits a
 # 10-minute limit. Then, here: python -m bench perf --import-rows $OUT/perf.json  (merges into bench/results).
@@ -21,6 +25,13 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja on PATH, step
 "$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name(0))" | tee -a "$SUMMARY"
+if ! DIFFUSERS=$("$PY" -c "import diffusers; from diffusers import UNet2DConditionModel; print('diffusers', \
+    diffusers.__version__)" 2>&1); then
+  note "$DIFFUSERS"
+  note "FAIL: diffusers cannot be imported (bash dev.sh gpu-wheels here, then carry .whl)"
+  exit 2
+fi
+note "$DIFFUSERS"
 
 COMMON=(--device cuda --dtype float16 --batch 2 --repeats 3 --target-ratio 0.9 --max-iterations 10 --out "$OUT")
 FAILED=0

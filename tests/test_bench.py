@@ -187,3 +187,25 @@ def test_bench_saved_profile_splits_both_passes_by_operator_family(capsys):
     assert f"a backward costs {ratios[1]:.2f} forwards" in out
     conv = sorted(r["backward"]["convolution"] / r["forward"]["convolution"] for r in runs)[1]
     assert f"{conv:5.2f}x its forward" in next(line for line in out.splitlines() if "convolution" in line)
+
+
+def test_the_gpu_wheels_are_pinned_where_the_tests_take_their_versions_and_cover_what_diffusers_needs():
+    """`bash dev.sh gpu-wheels` carries diffusers and those of its needs that the GPU machine's image lacks, at
+    the versions requirements-dev.txt pins (what the tests and the CPU numbers ran with), so the GPU rows build
+    the same UNets; with what the image has (bench/gpu_perf.sh imports diffusers there first), nothing is missing."""
+    import re
+    from importlib.metadata import requires, version
+    from pathlib import Path
+
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    root = Path(__file__).resolve().parents[1]
+    block = (root / "dev.sh").read_text().split("gpu-wheels)")[1].split(";;")[0]
+    carried = re.search(r"for name in ([\w\s-]+); do", block).group(1).split()
+    pins = dict(re.findall(r"^([\w-]+)==(\S+)", (root / "requirements-dev.txt").read_text(), re.M))
+    assert all(name in pins and version(name) == pins[name] for name in carried), carried
+    needs = {norm(re.split(r"[<>=!;\s]", r)[0]) for name in carried for r in requires(name) or []
+             if "extra ==" not in r}
+    image = {"filelock", "huggingface-hub", "numpy", "regex", "requests", "safetensors", "pillow"}
+    assert needs <= image | {norm(n) for n in carried}, needs - image - {norm(n) for n in carried}
