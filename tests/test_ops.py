@@ -464,6 +464,12 @@ def test_broken_cache_is_rebuilt(fused, tmp_path):
         pytest.skip("the C++ extension in use is not a JIT build (prebuilt module)")
     target = _backend.build_dir(tmp_path, digest, "cpp")
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("lock"))
+    # The shared cache may come from a checkout elsewhere (same sources, other paths): ninja then rebuilds on the
+    # first load from here. That first load runs in another process (a module loaded in this one would be reused
+    # whatever the file holds), so that the broken module below is the only reason left to build.
+    settle = (f"from pathlib import Path; from memsafe import _backend; m, why, failed = _backend._jit('cpp', "
+              f"Path({str(CSRC)!r}), Path({str(tmp_path)!r}), {digest!r}, {{}}); assert m is not None, why")
+    subprocess.run([sys.executable, "-c", settle], check=True, capture_output=True, timeout=600, cwd=CSRC.parent)
     so = next(target.glob("*.so"))
     so.write_bytes(b"\0" * 64)
     module, why, failed = _backend._jit("cpp", CSRC, tmp_path, digest, {})
