@@ -488,7 +488,9 @@ def add_per_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iterations", type=int, default=50)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (exits with a message naming the option on a bad value); ``methods``: plain
+    first, then the ones asked for."""
     p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(p)
@@ -510,15 +512,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="CPU: also measure the peak of live tensor bytes (profiler; one more run per method)")
     args = p.parse_args(argv)
     args.argv = sys.argv[2:] if argv is None else list(argv)  # the child processes measuring memory get the same
+    args.method_list = ["plain", *[m for m in args.methods.split(",") if m != "plain"]]
+    unknown = [m for m in args.method_list if m not in METHODS and PER_SAMPLE_VARIANT.fullmatch(m) is None]
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or a per_sample "
+                "variant per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     if args.child:
         measure_memory_child(args)
         return
-    methods = ["plain", *[m for m in args.methods.split(",") if m != "plain"]]
-    unknown = [m for m in methods if m not in METHODS and PER_SAMPLE_VARIANT.fullmatch(m) is None]
-    if unknown:
-        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or a per_sample "
-                "variant per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
+    methods = args.method_list
     print(f"bench perf: {args.model} on {args.device} ({machine()}), {args.steps} steps, batch {args.batch}",
           flush=True)
     if args.refresh:  # rewrite perf.md and the lab rows' efficacy from the rows already in perf.json

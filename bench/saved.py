@@ -203,7 +203,8 @@ def print_profile(runs: list[dict[str, dict[str, float]]]) -> None:
               f"({bwd / total_b:4.0%}), {ratio}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: exits with a message naming the option on a bad value."""
     p = argparse.ArgumentParser(prog="python -m bench saved", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(p, models=("tiny", "sd15", "sdxl"))
@@ -212,7 +213,11 @@ def main(argv: list[str] | None = None) -> None:
                    "keeps and recomputes (counted), timed with --time-repeats")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N forward and backward passes: time per operator family (attention, ...)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     subject = build(args.model, args.device, getattr(torch, args.dtype), latent=args.latent)

@@ -209,3 +209,48 @@ def test_the_gpu_wheels_are_pinned_where_the_tests_take_their_versions_and_cover
              if "extra ==" not in r}
     image = {"filelock", "huggingface-hub", "numpy", "regex", "requests", "safetensors", "pillow"}
     assert needs <= image | {norm(n) for n in carried}, needs - image - {norm(n) for n in carried}
+
+
+def _gpu_perf_commands() -> list[list[str]]:
+    """The bench commands bench/gpu_perf.sh runs, as argument lists, its shell variables filled in."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "bench" / "gpu_perf.sh").read_text().replace("\\\n", " ")
+    common = shlex.split(next(line for line in text.splitlines() if line.startswith("COMMON=("))[8:-1])
+    loops = {}
+    commands = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("for ") and " in " in line:
+            var, values = line[4:].split(" in ", 1)
+            loops[var] = values.split(";")[0].split()
+        if line.startswith("#") or "-m bench " not in line:
+            continue
+        words = shlex.split(line.split("-m bench ", 1)[1].split("||")[0])
+        words = [w for word in words for w in (common if word == "${COMMON[@]}" else [word])]
+        variants = [words]
+        for var, values in loops.items():
+            if f"${var}" in words:
+                variants = [[v if w == f"${var}" else w for w in ws] for ws in variants for v in values]
+        commands += [[w.replace("$OUT", "/tmp/gpu-out") for w in ws] for ws in variants]
+    return commands
+
+
+def test_every_command_of_the_gpu_script_parses():
+    """The GPU run happens rarely and has minutes: every bench command bench/gpu_perf.sh runs must at least be
+    accepted by its command line (options, choices, method names), on any machine."""
+    from bench import adjust, saved
+
+    commands = _gpu_perf_commands()
+    assert [c[0] for c in commands] == ["perf", "saved", "adjust", "adjust", "perf"], commands
+    parsers = {"perf": perf.parse_args, "saved": saved.parse_args, "adjust": adjust.parse_args}
+    for command in commands:
+        args = parsers[command[0]](command[1:])
+        # no --device: the default, the GPU where torch sees one (gpu_lib.sh picks such a python)
+        assert args.dtype == "float16" and ("--device" not in command or args.device == "cuda"), command
+    assert {c[c.index("--method") + 1] for c in commands if c[0] == "adjust"} == {
+        "per_sample_polyak", "per_sample_polyak_checkpointed"}
+    assert saved.parse_args(next(c for c in commands if c[0] == "saved")[1:]).profile == 3
+    with pytest.raises(SystemExit):
+        perf.parse_args(["--methods", "plain,per_sample_nonsense"])
