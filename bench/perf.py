@@ -489,8 +489,8 @@ def add_per_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, checked (exits with a message naming the option on a bad value); ``methods``: plain
-    first, then the ones asked for."""
+    """The command line, checked (exits with a message naming the option on a bad value); ``method_list``:
+    plain first, then the methods asked for."""
     p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(p)

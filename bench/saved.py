@@ -182,9 +182,7 @@ def profile_passes(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Cal
 def print_profile(runs: list[dict[str, dict[str, float]]]) -> None:
     """The :func:`profile_passes` times as lines: per family the median seconds of each pass, its share, and the
     median over repeats of its backward over its forward; first the same for the whole passes."""
-    def median(values: list[float]) -> float:
-        return statistics.median(values) if values else 0.0
-
+    median = statistics.median
     totals = [(sum(r["forward"].values()), sum(r["backward"].values())) for r in runs]
     if not runs or any(f <= 0 or b <= 0 for f, b in totals):
         print("  profile: the profiler recorded no operator times (on a GPU: no kernels linked to operators)")
@@ -213,7 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "keeps and recomputes (counted), timed with --time-repeats")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N forward and backward passes: time per operator family (attention, ...)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile < 0 or args.time_repeats < 0:
+        p.error("--profile and --time-repeats take a number of repeats: 0 (off) or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

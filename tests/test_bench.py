@@ -254,3 +254,5 @@ def test_every_command_of_the_gpu_script_parses():
     assert saved.parse_args(next(c for c in commands if c[0] == "saved")[1:]).profile == 3
     with pytest.raises(SystemExit):
         perf.parse_args(["--methods", "plain,per_sample_nonsense"])
+    with pytest.raises(SystemExit):
+        saved.parse_args(["--profile", "-1"])
