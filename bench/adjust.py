@@ -25,7 +25,7 @@ from memsafe import CFGDenoiser, Guidance, adjust_noise, guidance_from_denoiser
 from memsafe.methods import AdjustResult
 
 from . import perf
-from .models import add_subject_arguments
+from .models import add_subject_arguments, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     report = measure(args)
     print(f"bench adjust: {args.model} {args.method}, batch {args.batch}, {args.dtype} on {args.device}, "
           f"{torch.get_num_threads()} threads")

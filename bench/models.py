@@ -172,4 +172,21 @@ def add_subject_arguments(p: argparse.ArgumentParser, models: tuple[str, ...] = 
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=count, default=0, help="CPU threads (default: torch's default)")
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more (repeats, threads; 0 means off or the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give a whole number, 0 or more")
+    return value
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply --threads of :func:`add_subject_arguments`: torch's CPU threads, left at its default when 0."""
+    if args.threads:
+        torch.set_num_threads(args.threads)

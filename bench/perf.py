@@ -35,7 +35,7 @@ from torch import Tensor
 import memsafe
 from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
 
-from .models import CONFIGS, Subject, add_subject_arguments, build, sample_euler
+from .models import CONFIGS, Subject, add_subject_arguments, build, sample_euler, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # per_sample* variants: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]; AdamW unless _polyak, autograd
@@ -522,7 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
+    set_threads(args)
     if args.child:
         measure_memory_child(args)
         return

@@ -43,7 +43,7 @@ from memsafe.checkpointing import (
 )
 from memsafe.guidance import tensors_in
 
-from .models import add_subject_arguments, build
+from .models import add_subject_arguments, build, count, set_threads
 
 MiB = 2**20
 
@@ -206,21 +206,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench saved", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(p, models=("tiny", "sd15", "sdxl"))
-    p.add_argument("--time-repeats", type=int, default=0, help="also time backward against forward (N repeats)")
+    p.add_argument("--time-repeats", type=count, default=0, help="also time backward against forward (N repeats)")
     p.add_argument("--budgets", default="", help="MiB, comma-separated: what checkpointing within each budget "
                    "keeps and recomputes (counted), timed with --time-repeats")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--profile", type=count, default=0, metavar="N",
                    help="also profile N forward and backward passes: time per operator family (attention, ...)")
-    args = p.parse_args(argv)
-    if args.profile < 0 or args.time_repeats < 0:
-        p.error("--profile and --time-repeats take a number of repeats: 0 (off) or more")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     subject = build(args.model, args.device, getattr(torch, args.dtype), latent=args.latent)
     cond, uncond = subject.conditioning(1, seed=99)
     both = {k: torch.cat([cond[k], uncond[k]]) if isinstance(cond[k], Tensor)

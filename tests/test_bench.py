@@ -254,5 +254,9 @@ def test_every_command_of_the_gpu_script_parses():
     assert saved.parse_args(next(c for c in commands if c[0] == "saved")[1:]).profile == 3
     with pytest.raises(SystemExit):
         perf.parse_args(["--methods", "plain,per_sample_nonsense"])
-    with pytest.raises(SystemExit):
-        saved.parse_args(["--profile", "-1"])
+    for parse, option, value in [(saved.parse_args, "--profile", "-1"), (saved.parse_args, "--time-repeats", "2.5"),
+                                 (perf.parse_args, "--threads", "-1"), (adjust.parse_args, "--threads", "two"),
+                                 (saved.parse_args, "--threads", "-2")]:
+        with pytest.raises(SystemExit):
+            parse([option, value])
+    assert perf.parse_args(["--threads", "0"]).threads == 0 and saved.parse_args(["--profile", "0"]).profile == 0
