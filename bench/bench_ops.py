@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.models import count, set_threads  # noqa: E402
 from memsafe import ops  # noqa: E402
 
 SHAPES = {"SD1": (4, 64, 64), "SDXL": (4, 128, 128)}
@@ -401,19 +402,32 @@ def markdown(result: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def rounds_count(text: str) -> int:
+    """An argparse type for --rounds: a whole number, 1 or more (a median of no blocks is no measurement)."""
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1 round")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of this benchmark; a count below its minimum is refused with a message naming the option."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--unet", action="store_true", help="also time a real UNet forward of each size")
     parser.add_argument("--unet-device", choices=("cpu", "cuda", "all"), default="all")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved blocks per implementation")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--rounds", type=rounds_count, default=7, help="interleaved blocks per implementation")
+    parser.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, 3 rounds")
     parser.add_argument("--allow-reference", action="store_true", help="run even without a compiled backend")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--name", default="ops", help="file stem of the results")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the .md of an earlier run's .json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.render:
         source = Path(args.render)
         source.with_suffix(".md").write_text(markdown(json.loads(source.read_text())))
@@ -421,8 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.unet:
         args.unet_device = "none"
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     run(args)
     print(f"wrote {Path(args.out) / args.name}.md and .json")
     return 0

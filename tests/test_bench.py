@@ -260,3 +260,22 @@ def test_every_command_of_the_gpu_script_parses():
         with pytest.raises(SystemExit):
             parse([option, value])
     assert perf.parse_args(["--threads", "0"]).threads == 0 and saved.parse_args(["--profile", "0"]).profile == 0
+
+
+def test_the_ops_benchmark_of_the_gpu_check_parses_and_refuses_counts_that_measure_nothing():
+    """bench/gpu_check.sh runs bench_ops.py once, late in a short GPU run: its command line must be accepted here,
+    and a round count of 0 (a median of nothing) or a negative thread count refused before any work."""
+    import shlex
+    from pathlib import Path
+
+    from bench import bench_ops
+
+    text = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "bench/bench_ops.py" in line and not line.lstrip().startswith("#"))
+    words = shlex.split(line.split("bench/bench_ops.py", 1)[1].split("||")[0])
+    args = bench_ops.parse_args([w for w in words if w != "$UNET"] + ["--unet"])
+    assert (args.device, args.unet_device, args.rounds, args.name) == ("all", "cuda", 5, "ops_gpu")
+    for option, value in [("--rounds", "0"), ("--rounds", "-3"), ("--threads", "-1"), ("--threads", "1.5")]:
+        with pytest.raises(SystemExit):
+            bench_ops.parse_args([option, value])
+    assert bench_ops.parse_args(["--rounds", "1", "--threads", "0"]).rounds == 1
