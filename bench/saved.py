@@ -94,6 +94,12 @@ def saved_bytes(unet: nn.Module, forward: Callable[[], Tensor]) -> dict[str, int
     return out
 
 
+def output_loss(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """The scalar every backward pass here differentiates: the summed squares of the UNet's output, in float32.
+    It stands in for memsafe's guidance loss (a norm of the output): the same graph through the UNet."""
+    return run(x).float().pow(2).sum()
+
+
 def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor], repeats: int,
                   settings: dict[str, Callable[[], AbstractContextManager[object]]]) -> dict[str, list[float]]:
     """Per setting (a context the backward pass runs in: checkpointing off, on, a plan) and repeat: the seconds
@@ -114,7 +120,7 @@ def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Call
                 sync()
                 t1 = time.perf_counter()
                 with torch.enable_grad(), settings[name]():
-                    torch.autograd.grad(run(x).float().pow(2).sum(), [x])
+                    torch.autograd.grad(output_loss(run, x), [x])
                 sync()
                 t2 = time.perf_counter()
                 ratios[name].append((t2 - t1) / (t1 - t0) - 1.0)
@@ -160,7 +166,7 @@ def profile_passes(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Cal
         with torch.no_grad():
             run(make_x())
         x = make_x()
-        torch.autograd.grad(run(x).float().pow(2).sum(), [x])  # warm-up: the backward's kernels, its memory
+        torch.autograd.grad(output_loss(run, x), [x])  # warm-up: the backward's kernels, its memory
         sync()
         for _ in range(repeats):  # a forward, then a backward: seconds apart, so the machine's drift hits both
             with profile(activities=activities) as prof:
@@ -169,7 +175,7 @@ def profile_passes(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Cal
                 sync()
             forward = families(prof)
             x = make_x()
-            loss = run(x).float().pow(2).sum()
+            loss = output_loss(run, x)
             sync()
             with profile(activities=activities) as prof:
                 torch.autograd.grad(loss, [x])
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [int(float(b) * MiB) for b in args.budgets.split(",") if b.strip()]
     plans: dict[str, CheckpointPlan] = {}
     if budgets:
-        measured = measured_plan(unet, lambda x: run(x).float().pow(2).sum(), make_x(), images=1)
+        measured = measured_plan(unet, lambda x: output_loss(run, x), make_x(), images=1)
         print("  checkpointing within a budget (memsafe's choice, counted for one image; the floor includes the "
               "largest recomputation):")
         for budget in budgets:
