@@ -25,7 +25,7 @@ from memsafe import CFGDenoiser, Guidance, adjust_noise, guidance_from_denoiser
 from memsafe.methods import AdjustResult
 
 from . import perf
-from .models import add_subject_arguments, set_threads
+from .models import add_subject_arguments, positive, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,9 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench adjust", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(p)
-    p.add_argument("--steps", type=int, default=50, help="sampler steps the prediction is for")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--steps", type=positive, default=50, help="sampler steps the prediction is for")
+    p.add_argument("--batch", type=positive, default=2)
+    p.add_argument("--repeats", type=positive, default=4)
     p.add_argument("--method", default="per_sample_polyak",
                    help="a per-sample variant of bench perf: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
     perf.add_per_sample_arguments(p)
@@ -43,8 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if perf.PER_SAMPLE_VARIANT.fullmatch(args.method) is None:
         p.error(f"--method {args.method!r}: allowed are the per-sample variants "
                 "per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
-    if args.repeats < 1 or args.steps < 1:
-        p.error("--repeats and --steps must be at least 1")
     return args
 
 

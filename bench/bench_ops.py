@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.models import count, set_threads  # noqa: E402
+from bench.models import count, positive, set_threads  # noqa: E402
 from memsafe import ops  # noqa: E402
 
 SHAPES = {"SD1": (4, 64, 64), "SDXL": (4, 128, 128)}
@@ -402,21 +402,13 @@ def markdown(result: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rounds_count(text: str) -> int:
-    """An argparse type for --rounds: a whole number, 1 or more (a median of no blocks is no measurement)."""
-    value = count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1 round")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of this benchmark; a count below its minimum is refused with a message naming the option."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     parser.add_argument("--unet", action="store_true", help="also time a real UNet forward of each size")
     parser.add_argument("--unet-device", choices=("cpu", "cuda", "all"), default="all")
-    parser.add_argument("--rounds", type=rounds_count, default=7, help="interleaved blocks per implementation")
+    parser.add_argument("--rounds", type=positive, default=7, help="interleaved blocks per implementation")
     parser.add_argument("--threads", type=count, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, 3 rounds")
     parser.add_argument("--allow-reference", action="store_true", help="run even without a compiled backend")

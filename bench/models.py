@@ -171,19 +171,29 @@ def add_subject_arguments(p: argparse.ArgumentParser, models: tuple[str, ...] = 
     p.add_argument("--model", default="sd15", choices=list(models))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--latent", type=int, default=None, help="latent side (default: the model's native size)")
+    p.add_argument("--latent", type=positive, default=None, help="latent side (default: the model's native size)")
     p.add_argument("--threads", type=count, default=0, help="CPU threads (default: torch's default)")
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number, 0 or more (repeats, threads; 0 means off or the default)."""
+def _whole_number(text: str, minimum: int) -> int:
+    """``text`` as an int of at least ``minimum``, else the argparse error that names the option and the bound."""
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give a whole number, 0 or more")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give a whole number, {minimum} or more")
     return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more (threads, profile repeats; 0 means off or the default)."""
+    return _whole_number(text, 0)
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (steps, batch, repeats, rounds: 0 of them measures nothing)."""
+    return _whole_number(text, 1)
 
 
 def set_threads(args: argparse.Namespace) -> None:

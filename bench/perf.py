@@ -35,7 +35,7 @@ from torch import Tensor
 import memsafe
 from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_denoiser
 
-from .models import CONFIGS, Subject, add_subject_arguments, build, sample_euler, set_threads
+from .models import CONFIGS, Subject, add_subject_arguments, build, positive, sample_euler, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # per_sample* variants: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]; AdamW unless _polyak, autograd
@@ -494,9 +494,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subject_arguments(p)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=positive, default=50)
+    p.add_argument("--batch", type=positive, default=2)
+    p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
     add_per_sample_arguments(p)
     p.add_argument("--no-memory", action="store_true")

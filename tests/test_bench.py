@@ -211,12 +211,18 @@ def test_the_gpu_wheels_are_pinned_where_the_tests_take_their_versions_and_cover
     assert needs <= image | {norm(n) for n in carried}, needs - image - {norm(n) for n in carried}
 
 
+def _script_text(name: str) -> str:
+    """bench/<name> with its continued lines joined, so that each command is on one line."""
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "bench" / name).read_text().replace("\\\n", " ")
+
+
 def _gpu_perf_commands() -> list[list[str]]:
     """The bench commands bench/gpu_perf.sh runs, as argument lists, its shell variables filled in."""
     import shlex
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "bench" / "gpu_perf.sh").read_text().replace("\\\n", " ")
+    text = _script_text("gpu_perf.sh")
     common = shlex.split(next(line for line in text.splitlines() if line.startswith("COMMON=("))[8:-1])
     loops = {}
     commands = []
@@ -237,7 +243,7 @@ def _gpu_perf_commands() -> list[list[str]]:
     return commands
 
 
-def test_every_command_of_the_gpu_script_parses():
+def test_every_command_of_the_gpu_script_parses(capsys):
     """The GPU run happens rarely and has minutes: every bench command bench/gpu_perf.sh runs must at least be
     accepted by its command line (options, choices, method names), on any machine."""
     from bench import adjust, saved
@@ -256,9 +262,13 @@ def test_every_command_of_the_gpu_script_parses():
         perf.parse_args(["--methods", "plain,per_sample_nonsense"])
     for parse, option, value in [(saved.parse_args, "--profile", "-1"), (saved.parse_args, "--time-repeats", "2.5"),
                                  (perf.parse_args, "--threads", "-1"), (adjust.parse_args, "--threads", "two"),
-                                 (saved.parse_args, "--threads", "-2")]:
+                                 (saved.parse_args, "--threads", "-2"), (perf.parse_args, "--batch", "0"),
+                                 (perf.parse_args, "--steps", "-5"), (perf.parse_args, "--repeats", "0"),
+                                 (adjust.parse_args, "--steps", "0"), (adjust.parse_args, "--repeats", "0"),
+                                 (adjust.parse_args, "--batch", "1.5"), (saved.parse_args, "--latent", "0")]:
         with pytest.raises(SystemExit):
             parse([option, value])
+        assert f"argument {option}: {value!r} is not a count" in capsys.readouterr().err, (option, value)
     assert perf.parse_args(["--threads", "0"]).threads == 0 and saved.parse_args(["--profile", "0"]).profile == 0
 
 
@@ -266,11 +276,10 @@ def test_the_ops_benchmark_of_the_gpu_check_parses_and_refuses_counts_that_measu
     """bench/gpu_check.sh runs bench_ops.py once, late in a short GPU run: its command line must be accepted here,
     and a round count of 0 (a median of nothing) or a negative thread count refused before any work."""
     import shlex
-    from pathlib import Path
 
     from bench import bench_ops
 
-    text = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    text = _script_text("gpu_check.sh")
     line = next(line for line in text.splitlines() if "bench/bench_ops.py" in line and not line.lstrip().startswith("#"))
     words = shlex.split(line.split("bench/bench_ops.py", 1)[1].split("||")[0])
     args = bench_ops.parse_args([w for w in words if w != "$UNET"] + ["--unet"])
