@@ -485,7 +485,7 @@ def add_per_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--rho", type=float, default=5.0)
     p.add_argument("--fd-radius", type=float, default=0.5)
-    p.add_argument("--max-iterations", type=int, default=50)
+    p.add_argument("--max-iterations", type=positive, default=50)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

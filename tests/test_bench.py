@@ -265,7 +265,8 @@ def test_every_command_of_the_gpu_script_parses(capsys):
                                  (saved.parse_args, "--threads", "-2"), (perf.parse_args, "--batch", "0"),
                                  (perf.parse_args, "--steps", "-5"), (perf.parse_args, "--repeats", "0"),
                                  (adjust.parse_args, "--steps", "0"), (adjust.parse_args, "--repeats", "0"),
-                                 (adjust.parse_args, "--batch", "1.5"), (saved.parse_args, "--latent", "0")]:
+                                 (adjust.parse_args, "--batch", "1.5"), (saved.parse_args, "--latent", "0"),
+                                 (perf.parse_args, "--max-iterations", "0"), (adjust.parse_args, "--max-iterations", "-1")]:
         with pytest.raises(SystemExit):
             parse([option, value])
         assert f"argument {option}: {value!r} is not a count" in capsys.readouterr().err, (option, value)
