@@ -8,6 +8,7 @@
 # benchmark writes its results after every case, so a cut run still leaves numbers.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh          # PYTHON=/path/to/python to choose the interpreter
+#   DRY_RUN=1 OUT=/tmp/plan bash bench/gpu_check.sh   # prints the commands it would run, runs none (any machine)
 #
 # Needs: torch with CUDA, a CUDA toolkit whose nvcc has torch's CUDA major version (found via CUDA_HOME, the nvcc
 # on PATH or /usr/local/cuda*), a C++ compiler, ninja, pytest; diffusers for the UNet timing (skipped without it).
@@ -25,7 +26,7 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 
 source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja on PATH, step
-{
+dry || {
   echo "date: $(date -u +%FT%TZ)"
   echo "host: $(uname -a)"
   echo "python: $PY ($("$PY" --version 2>&1))"
@@ -45,7 +46,7 @@ note "python: $PY; cache: $MEMSAFE_BUILD_DIR; MAX_JOBS=$MAX_JOBS"
 FAILED=0
 # 1. Build through the loader, as the WebUI's first call would (prints the one log line and the backend info).
 step build 330 env MEMSAFE_OPS_BACKEND=cuda "$PY" -m memsafe._backend info || FAILED=1
-grep -h "memsafe ops:" "$OUT/build.log" | tee -a "$SUMMARY"
+grep -h "memsafe ops:" "$OUT/build.log" 2>/dev/null | tee -a "$SUMMARY"
 for log in "$MEMSAFE_BUILD_DIR"/*/*/build-error.log; do
   [ -f "$log" ] && cp "$log" "$OUT/build-error-$(basename "$(dirname "$log")").log"
 done
@@ -54,7 +55,7 @@ done
 if [ $FAILED -eq 0 ]; then
   step test_ops 200 "$PY" -m pytest tests/test_ops.py -q -rs -p no:cacheprovider --junitxml="$OUT/test_ops.xml" \
     || FAILED=1
-  tail -n 3 "$OUT/test_ops.log" | tee -a "$SUMMARY"
+  dry || tail -n 3 "$OUT/test_ops.log" | tee -a "$SUMMARY"
 else
   note "test_ops: skipped (the CUDA extension did not build)"
 fi

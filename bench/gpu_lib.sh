@@ -3,13 +3,21 @@
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-# An interpreter whose torch sees a GPU: $PYTHON, else the repo's venv, else python3/python on PATH.
+# DRY_RUN=1: each step prints the command it would run (shell-quoted, on one line after "would run:") and runs
+# nothing, on any machine: a run's plan can be read before device minutes are spent on it, and the tests check
+# every printed command against its parser (bash itself expands the loops and variables, not a copy in a test).
+DRY_RUN=${DRY_RUN:-0}
+dry() { [ "$DRY_RUN" = 1 ]; }
+
+# An interpreter whose torch sees a GPU (in a dry run: one that imports torch): $PYTHON, else the repo's venv,
+# else python3/python on PATH.
 pick_python() {
-  local candidate
+  local candidate need="torch.cuda.is_available()"
+  dry && need=True
   for candidate in ${PYTHON:-} .venv/bin/python python3 python; do
     [ -n "$candidate" ] || continue
     command -v "$candidate" >/dev/null 2>&1 || [ -x "$candidate" ] || continue
-    if "$candidate" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if "$candidate" -c "import torch, sys; sys.exit(0 if $need else 1)" 2>/dev/null; then
       echo "$candidate"
       return 0
     fi
@@ -23,7 +31,7 @@ fi
 
 # Wheels carried in .whl (`bash dev.sh gpu-wheels` here; diffusers and its needs, which the GPU machine's image
 # lacks): installed into a folder of their own, first on the path, before anything runs.
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ! dry && ls .whl/*.whl >/dev/null 2>&1; then
   SITE=${TMPDIR:-/tmp}/memsafe-gpu-site
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       .whl/*.whl >"$OUT/wheels.log" 2>&1; then
@@ -43,6 +51,10 @@ fi
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record status and duration
   local name=$1 limit=$2
   shift 2
+  if dry; then
+    note "$name: would run: $(printf '%q ' "$@")"
+    return 0
+  fi
   local t0=$(date +%s)
   timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?

@@ -7,6 +7,7 @@
 # as cost per iteration next to the lab's measured iteration counts.
 #
 #   OUT=/some/dir bash bench/gpu_perf.sh          # PYTHON=/path/to/python to choose the interpreter
+#   DRY_RUN=1 OUT=/tmp/plan bash bench/gpu_perf.sh   # prints the commands it would run, runs none (any machine)
 #
 # Needs: torch with CUDA and diffusers. The device machine's image has no diffusers: first, here, `bash dev.sh
 # gpu-wheels` (into .whl, git-ignored), then carry .whl with the run; bench/gpu_lib.sh installs it. The script
@@ -24,14 +25,19 @@ START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 source bench/gpu_lib.sh  # note, PY (a python whose torch sees the GPU), ninja on PATH, step
-"$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name(0))" | tee -a "$SUMMARY"
-if ! DIFFUSERS=$("$PY" -c "import diffusers; from diffusers import UNet2DConditionModel; print('diffusers', \
+if dry; then
+  note "dry run: $PY; nothing is run"
+elif ! "$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name(0))" \
+    | tee -a "$SUMMARY"; then
+  exit 2
+elif ! DIFFUSERS=$("$PY" -c "import diffusers; from diffusers import UNet2DConditionModel; print('diffusers', \
     diffusers.__version__)" 2>&1); then
   note "$DIFFUSERS"
   note "FAIL: diffusers cannot be imported (bash dev.sh gpu-wheels here, then carry .whl)"
   exit 2
+else
+  note "$DIFFUSERS"
 fi
-note "$DIFFUSERS"
 
 COMMON=(--device cuda --dtype float16 --batch 2 --repeats 3 --target-ratio 0.9 --max-iterations 10 --out "$OUT")
 FAILED=0

@@ -211,45 +211,41 @@ def test_the_gpu_wheels_are_pinned_where_the_tests_take_their_versions_and_cover
     assert needs <= image | {norm(n) for n in carried}, needs - image - {norm(n) for n in carried}
 
 
-def _script_text(name: str) -> str:
-    """bench/<name> with its continued lines joined, so that each command is on one line."""
+def _dry_run_steps(script: str, tmp_path) -> dict[str, list[str]]:
+    """The steps bench/<script> would run on the GPU machine, by name, each as the argument list after the
+    interpreter: bash runs the script itself with DRY_RUN=1 (its loops, arrays and branches expanded as on the
+    device), and each step prints its command instead of running it."""
+    import os
+    import shlex
+    import subprocess
+    import sys
     from pathlib import Path
 
-    return (Path(__file__).resolve().parents[1] / "bench" / name).read_text().replace("\\\n", " ")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(root / "bench" / script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    steps = {}
+    for line in run.stdout.splitlines():
+        if ": would run: " in line:
+            name, command = line.split(": would run: ", 1)
+            words = shlex.split(command)
+            steps[name] = words[words.index(sys.executable) + 1:]
+    assert steps and run.stdout.rstrip().endswith("PASS"), run.stdout
+    return steps
 
 
-def _gpu_perf_commands() -> list[list[str]]:
-    """The bench commands bench/gpu_perf.sh runs, as argument lists, its shell variables filled in."""
-    import shlex
-
-    text = _script_text("gpu_perf.sh")
-    common = shlex.split(next(line for line in text.splitlines() if line.startswith("COMMON=("))[8:-1])
-    loops = {}
-    commands = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("for ") and " in " in line:
-            var, values = line[4:].split(" in ", 1)
-            loops[var] = values.split(";")[0].split()
-        if line.startswith("#") or "-m bench " not in line:
-            continue
-        words = shlex.split(line.split("-m bench ", 1)[1].split("||")[0])
-        words = [w for word in words for w in (common if word == "${COMMON[@]}" else [word])]
-        variants = [words]
-        for var, values in loops.items():
-            if f"${var}" in words:
-                variants = [[v if w == f"${var}" else w for w in ws] for ws in variants for v in values]
-        commands += [[w.replace("$OUT", "/tmp/gpu-out") for w in ws] for ws in variants]
-    return commands
-
-
-def test_every_command_of_the_gpu_script_parses(capsys):
+def test_every_command_of_the_gpu_script_parses(capsys, tmp_path):
     """The GPU run happens rarely and has minutes: every bench command bench/gpu_perf.sh runs must at least be
     accepted by its command line (options, choices, method names), on any machine."""
     from bench import adjust, saved
 
-    commands = _gpu_perf_commands()
-    assert [c[0] for c in commands] == ["perf", "saved", "adjust", "adjust", "perf"], commands
+    steps = _dry_run_steps("gpu_perf.sh", tmp_path)
+    assert list(steps) == ["sd15", "saved", "adjust_per_sample_polyak", "adjust_per_sample_polyak_checkpointed",
+                           "sdxl"], steps
+    assert all(words[:2] == ["-m", "bench"] for words in steps.values()), steps
+    commands = [words[2:] for words in steps.values()]
+    assert all("--out" not in c or c[c.index("--out") + 1] == str(tmp_path) for c in commands), commands
     parsers = {"perf": perf.parse_args, "saved": saved.parse_args, "adjust": adjust.parse_args}
     for command in commands:
         args = parsers[command[0]](command[1:])
@@ -273,17 +269,16 @@ def test_every_command_of_the_gpu_script_parses(capsys):
     assert perf.parse_args(["--threads", "0"]).threads == 0 and saved.parse_args(["--profile", "0"]).profile == 0
 
 
-def test_the_ops_benchmark_of_the_gpu_check_parses_and_refuses_counts_that_measure_nothing():
+def test_the_ops_benchmark_of_the_gpu_check_parses_and_refuses_counts_that_measure_nothing(tmp_path):
     """bench/gpu_check.sh runs bench_ops.py once, late in a short GPU run: its command line must be accepted here,
     and a round count of 0 (a median of nothing) or a negative thread count refused before any work."""
-    import shlex
-
     from bench import bench_ops
 
-    text = _script_text("gpu_check.sh")
-    line = next(line for line in text.splitlines() if "bench/bench_ops.py" in line and not line.lstrip().startswith("#"))
-    words = shlex.split(line.split("bench/bench_ops.py", 1)[1].split("||")[0])
-    args = bench_ops.parse_args([w for w in words if w != "$UNET"] + ["--unet"])
+    steps = _dry_run_steps("gpu_check.sh", tmp_path)
+    assert list(steps) == ["build", "test_ops", "bench"], steps
+    assert steps["test_ops"][:3] == ["-m", "pytest", "tests/test_ops.py"], steps
+    assert steps["bench"][0] == "bench/bench_ops.py", steps
+    args = bench_ops.parse_args(steps["bench"][1:])
     assert (args.device, args.unet_device, args.rounds, args.name) == ("all", "cuda", 5, "ops_gpu")
     for option, value in [("--rounds", "0"), ("--rounds", "-3"), ("--threads", "-1"), ("--threads", "1.5")]:
         with pytest.raises(SystemExit):
