@@ -197,6 +197,8 @@ def test_the_gpu_wheels_are_pinned_where_the_tests_take_their_versions_and_cover
     from importlib.metadata import requires, version
     from pathlib import Path
 
+    from packaging.requirements import Requirement
+
     def norm(name: str) -> str:
         return name.lower().replace("_", "-")
 
@@ -205,10 +207,18 @@ def test_the_gpu_wheels_are_pinned_where_the_tests_take_their_versions_and_cover
     carried = re.search(r"for name in ([\w\s-]+); do", block).group(1).split()
     pins = dict(re.findall(r"^([\w-]+)==(\S+)", (root / "requirements-dev.txt").read_text(), re.M))
     assert all(name in pins and version(name) == pins[name] for name in carried), carried
-    needs = {norm(re.split(r"[<>=!;\s]", r)[0]) for name in carried for r in requires(name) or []
-             if "extra ==" not in r}
-    image = {"filelock", "huggingface-hub", "numpy", "regex", "requests", "safetensors", "pillow"}
-    assert needs <= image | {norm(n) for n in carried}, needs - image - {norm(n) for n in carried}
+    needs = [Requirement(r) for name in carried for r in requires(name) or [] if "extra ==" not in r]
+    # the GPU image's packages, as the device library (.library/device/KINDS.md) recorded them on 2026-11-17,
+    # with the versions it saw where diffusers bounds them (None: no version recorded, diffusers sets no bound)
+    image = {"filelock": None, "huggingface-hub": "1.33.0", "numpy": None, "regex": None, "requests": None,
+             "safetensors": "0.8.0", "pillow": None}
+    ours = {norm(n) for n in carried}
+    missing = {norm(r.name) for r in needs} - set(image) - ours
+    assert not missing, missing
+    for need in (r for r in needs if norm(r.name) not in ours):
+        seen = image[norm(need.name)]
+        bounds = [s for s in need.specifier if s.operator != "!="]  # regex!=2019.12.17 excludes one old release
+        assert not bounds or (seen is not None and need.specifier.contains(seen)), (str(need), seen)
 
 
 def _dry_run_steps(script: str, tmp_path) -> dict[str, list[str]]:
