@@ -37,12 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=positive, default=2)
     p.add_argument("--repeats", type=positive, default=4)
     p.add_argument("--method", default="per_sample_polyak",
-                   help="a per-sample variant of bench perf: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
+                   help=f"a per-sample variant of bench perf: {perf.PER_SAMPLE_FORMS}")
     perf.add_per_sample_arguments(p)
     args = p.parse_args(argv)
     if perf.PER_SAMPLE_VARIANT.fullmatch(args.method) is None:
-        p.error(f"--method {args.method!r}: allowed are the per-sample variants "
-                "per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
+        p.error(f"--method {args.method!r}: allowed are the per-sample variants {perf.PER_SAMPLE_FORMS}")
     return args
 
 

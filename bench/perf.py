@@ -43,6 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # part of the UNet in the backward pass (memsafe.checkpointing), _budget500 only what does not fit in 500 MiB of
 # kept activations (_budget alone: within the free memory), _one evaluates one image per model call (max_batch=1);
 # each gives the same images as the variant without it (up to round-off)
+PER_SAMPLE_FORMS = "per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]"  # PER_SAMPLE_VARIANT, for people
 PER_SAMPLE_VARIANT = re.compile(r"per_sample(?P<fd>_fd)?(?P<polyak>_polyak)?"
                                 r"(?P<recompute>_checkpointed|_budget(?P<mib>\d+)?)?(?P<one>_one)?")
 PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_fd_polyak", "per_sample_polyak", "per_sample_checkpointed",
@@ -81,8 +82,7 @@ def per_sample_variant(method: str, config: MitigationConfig) -> tuple[Mitigatio
     bench name stands for, on top of ``config`` (its target, lr, ...). Raises ValueError on another name."""
     parts = PER_SAMPLE_VARIANT.fullmatch(method)
     if parts is None:
-        raise ValueError(f"{method!r} is not a per_sample variant: per_sample[_fd][_polyak][_checkpointed|"
-                         "_budget[MiB]][_one]")
+        raise ValueError(f"{method!r} is not a per_sample variant: {PER_SAMPLE_FORMS}")
     variant = config.replace(method="per_sample", gradient="finite_difference" if parts["fd"] else "autograd",
                              optimizer="polyak" if parts["polyak"] else "adamw")
     recompute = parts["recompute"] or ""
@@ -516,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.method_list if m not in METHODS and PER_SAMPLE_VARIANT.fullmatch(m) is None]
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)} or a per_sample "
-                "variant per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]")
+                f"variant {PER_SAMPLE_FORMS}")
     return args
 
 

@@ -138,7 +138,7 @@ def test_the_committed_results_have_the_fields_the_issue_asks_for():
             assert 0 <= row["replication_rate"] <= 1 and 0 <= row["alignment"] <= 1, row["method"]
 
 
-def test_bench_adjust_counts_one_adjustment_in_unet_calls_and_predicts_from_the_reuse():
+def test_bench_adjust_counts_one_adjustment_in_unet_calls_and_predicts_from_the_reuse(capsys):
     """bench adjust on a tiny UNet: a target far below the risk holds both images to the 2 iterations; the
     counts are those of one adjustment (the first evaluation and 2 checks under autograd, 2 backward passes), the
     last check is the sampler's first call, and the prediction is 1 + (calls - reused) / steps."""
@@ -151,8 +151,10 @@ def test_bench_adjust_counts_one_adjustment_in_unet_calls_and_predicts_from_the_
     assert (report["unet_calls"], report["unet_grad_calls"], report["unet_backward_calls"]) == (0, 3, 2)
     assert report["reused"] == 1 and len(report["ratios"]) == 2 and all(r > 0 for r in report["ratios"])
     assert report["predicted_ratio"] == pytest.approx(1 + (report["calls"] - 1) / 10)
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         adjust.parse_args(["--method", "batch_wise"])
+    assert f"--method 'batch_wise': allowed are the per-sample variants {perf.PER_SAMPLE_FORMS}" in capsys.readouterr().err
 
 
 def test_bench_saved_profile_splits_both_passes_by_operator_family(capsys):
@@ -266,6 +268,8 @@ def test_every_command_of_the_gpu_script_parses(capsys, tmp_path):
     assert saved.parse_args(next(c for c in commands if c[0] == "saved")[1:]).profile == 3
     with pytest.raises(SystemExit):
         perf.parse_args(["--methods", "plain,per_sample_nonsense"])
+    err = capsys.readouterr().err
+    assert "--methods: unknown per_sample_nonsense" in err and perf.PER_SAMPLE_FORMS in err, err
     for parse, option, value in [(saved.parse_args, "--profile", "-1"), (saved.parse_args, "--time-repeats", "2.5"),
                                  (perf.parse_args, "--threads", "-1"), (adjust.parse_args, "--threads", "two"),
                                  (saved.parse_args, "--threads", "-2"), (perf.parse_args, "--batch", "0"),
