@@ -100,13 +100,19 @@ def output_loss(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return run(x).float().pow(2).sum()
 
 
+def synchronizer(unet: nn.Module) -> Callable[[], None]:
+    """What makes a timer see the UNet's work done: a CUDA synchronize where its weights are on a GPU, else nothing
+    (CPU work is done when the call returns)."""
+    return torch.cuda.synchronize if next(unet.parameters()).is_cuda else (lambda: None)
+
+
 def backward_cost(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Callable[[], Tensor], repeats: int,
                   settings: dict[str, Callable[[], AbstractContextManager[object]]]) -> dict[str, list[float]]:
     """Per setting (a context the backward pass runs in: checkpointing off, on, a plan) and repeat: the seconds
     of a forward + backward pass (frozen weights, gradient with respect to the input) over those of a forward pass
     alone (no autograd), minus one: a backward pass's cost in forward passes. Interleaved, and each setting
     against the forward pass timed just before it, so that drift in the machine's speed hits all alike."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = synchronizer(unet)
     ratios: dict[str, list[float]] = {name: [] for name in settings}
     with frozen_parameters(unet):
         for r in range(repeats):
@@ -150,7 +156,7 @@ def profile_passes(unet: nn.Module, run: Callable[[Tensor], Tensor], make_x: Cal
 
     cuda = next(unet.parameters()).is_cuda
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(unet)
 
     def families(prof: profile) -> dict[str, float]:
         out = {family: 0.0 for family, _ in OP_FAMILIES} | {"other": 0.0}
