@@ -8,12 +8,23 @@ Implements Han et al., "Adjusting Initial Noise to Mitigate Memorization in Text
 from .config import PRESETS, MitigationConfig, Preset, ScaledParams
 from .errors import ConfigError, GuidanceError, InputError, Interrupted, NotApplicableError
 from .guidance import Guidance, GuidanceFn, ModelCalls, guidance_from_denoiser, guidance_from_eps_model
-from .methods import AdjustResult, Evaluations, ProgressInfo, adjust_noise, risk_score, uncond_only
+from .methods import (
+    NOISE_RMS_LIMIT,
+    AdjustResult,
+    Evaluations,
+    ProgressInfo,
+    adjust_noise,
+    noise_rms,
+    noise_rms_limit,
+    risk_score,
+    uncond_only,
+)
 from .sampling import CFGDenoiser
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "NOISE_RMS_LIMIT",
     "PRESETS",
     "AdjustResult",
     "CFGDenoiser",
@@ -33,6 +44,8 @@ __all__ = [
     "adjust_noise",
     "guidance_from_denoiser",
     "guidance_from_eps_model",
+    "noise_rms",
+    "noise_rms_limit",
     "risk_score",
     "uncond_only",
 ]

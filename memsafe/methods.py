@@ -24,6 +24,30 @@ from .guidance import GuidanceFn
 
 _log = logging.getLogger(__name__)
 
+# Adjusted noise whose RMS (||z|| / sqrt(numel); a unit-variance draw's is 1 within 1/sqrt(2 numel): 0.5% for a
+# 4x64x64 latent) leaves [1/NOISE_RMS_LIMIT, NOISE_RMS_LIMIT] is no longer like the noise the model was trained
+# on. Measured on the lab model (README, The lab): per-sample reaches its target on the point-mass captions (which
+# it cannot escape otherwise) by growing the noise, to RMS 1.20 (median) where their images come out noise-like and
+# off-prompt; every such image there was above 1.10, while the adjusted noise of the CFG-driven and generic prompts
+# stayed below it in all but 2 of 224 images, and batch-wise never left 0.97-1.07.
+NOISE_RMS_LIMIT = 1.10
+# ... widened for latents so small that a plain draw's own spread approaches it (below ~800 elements): the band
+# is at least this many of those spreads, so a plain draw falls outside it with a probability of about 1e-4.
+NOISE_RMS_SPREADS = 4.0
+
+
+def noise_rms_limit(numel: int) -> float:
+    """The largest RMS an adjusted noise of ``numel`` elements per image may have without a warning (the smallest
+    is its reciprocal): :data:`NOISE_RMS_LIMIT`, or ``1 + NOISE_RMS_SPREADS / sqrt(2 numel)`` where that is
+    larger."""
+    return max(NOISE_RMS_LIMIT, 1 + NOISE_RMS_SPREADS / math.sqrt(2 * numel))
+
+
+def noise_rms(z: Tensor) -> Tensor:
+    """[B] float32 on the CPU: the root mean square of each image's noise, ``||z_i|| / sqrt(numel(z_i))`` (1 for
+    unit-variance Gaussian noise, up to its spread ``1 / sqrt(2 numel)``), summed in float64."""
+    return z.detach().double().flatten(1).pow(2).mean(1).sqrt().float().cpu()
+
 
 @dataclass
 class Evaluations:
@@ -59,6 +83,7 @@ class AdjustResult:
     risk: Tensor | None = None  # auto mode: the risk score of every image
     uncond_images: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [B] bool
     checkpoint_plan: PlanSummary | None = None  # per-sample with checkpointing under a budget: what it chose
+    noise_rms: Tensor = field(default_factory=lambda: torch.zeros(0))  # [B]: noise_rms(z) of the returned z
 
     def still_at_risk(self) -> Tensor:
         """[B] bool: images whose measured norm after adjustment is still above what their method aims for (the
@@ -67,6 +92,16 @@ class AdjustResult:
             [self.scaled.target if a == "per_sample" else self.scaled.risk_threshold for a in self.applied]
         )
         return self.norm_after > limit  # NaN compares False
+
+    def out_of_distribution(self) -> Tensor:
+        """[B] bool: adjusted images (batch-wise or per-sample) whose returned noise has an RMS outside
+        ``[1 / limit, limit]`` (``limit = noise_rms_limit(numel)``, :data:`NOISE_RMS_LIMIT` at SD sizes): reaching
+        the target took noise unlike a Gaussian draw, and the image may come out distorted or off-prompt.
+        Untouched images are never flagged, whatever their seed drew."""
+        adjusted = torch.tensor([a in ("batch_wise", "per_sample") for a in self.applied], dtype=torch.bool)
+        limit = noise_rms_limit(self.z[0].numel())
+        outside = (self.noise_rms > limit) | (self.noise_rms < 1 / limit)
+        return adjusted & outside
 
 
 # -- input checks ----------------------------------------------------------------------------------------------
@@ -501,6 +536,7 @@ def adjust_noise(
             applied,
             scaled,
             uncond_images=torch.zeros(batch, dtype=torch.bool),
+            noise_rms=noise_rms(z),
         )
 
     ev = _Evaluator(guidance, z.detach().float(), evaluations)
@@ -562,7 +598,7 @@ def adjust_noise(
         adjusted[untouched] = z.detach()[untouched]
     return AdjustResult(
         adjusted, norm_before, norm_after, iterations, evaluations, applied, scaled, risk, uncond_images,
-        recompute.summary,
+        recompute.summary, noise_rms(adjusted),
     )
 
 

@@ -316,6 +316,22 @@ def test_per_image_results_warnings_and_api_lists(host, sd_model, script):
     assert f"MemSafe result: {results[0]}," in main
 
 
+def test_noise_pushed_out_of_distribution_is_warned_of_also_from_the_cache(host, sd_model, script):
+    far = on("per_sample", optimizer="adamw", lr=1.0, max_iterations=3)  # each element moves by about 1 per step
+    p, processed = run(sd_model, script, far, batch_size=2, seed=40)
+    warnings = p.extra_generation_params["MemSafe warning"]
+    assert len(warnings) == 2 and all("noise out of distribution after per_sample (RMS" in w for w in warnings)
+    rms = memsafe.noise_rms(p.samplers[0].started_from / p.samplers[0].get_sigmas(p, p.steps)[0])
+    assert (rms > memsafe.NOISE_RMS_LIMIT).all()
+    assert f"RMS {float(rms[1]):.3f}" in warnings[1] and "the image may be distorted or off-prompt" in warnings[1]
+    assert "MemSafe: image 2 (seed 41): " in processed.comments and "noise out of distribution" in processed.comments
+    _, again = run(sd_model, script, far, batch_size=1, seed=41)
+    assert "cached" in again.infotexts[0] and "noise out of distribution" in again.infotexts[0]
+    near = on("per_sample", optimizer="adamw", lr=0.001, max_iterations=3)
+    q, _ = run(sd_model, script, near, batch_size=2, seed=40)
+    assert all("noise out of distribution" not in w for w in q.extra_generation_params["MemSafe warning"])
+
+
 def test_auto_leaves_low_risk_images_alone(host, sd_model, script):
     p, processed = run(sd_model, script, on("auto", risk_threshold=1e5), batch_size=2)
     assert all("MemSafe result: none" in t for t in processed.infotexts)

@@ -425,3 +425,49 @@ def test_polyak_leaves_inactive_images_untouched():
     assert steps.tolist() == [1, 0]
     # a linear model is solved in one step: the projected norm drops to the aim
     torch.testing.assert_close((before[0] - z[0]).flatten().norm() * grad[0].norm(), torch.tensor(1.0))
+
+
+def test_noise_rms_is_each_images_root_mean_square():
+    z = torch.stack([torch.full((2, 4, 4), 1.2), torch.tensor([3.0, 4.0]).repeat(16).view(2, 4, 4)])
+    torch.testing.assert_close(memsafe.noise_rms(z), torch.tensor([1.2, (12.5) ** 0.5]))
+    draw = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert ((memsafe.noise_rms(draw) - 1).abs() < 5 / (2 * 4 * 64 * 64) ** 0.5).all()  # a draw's spread
+    assert not memsafe.noise_rms(draw.half()).isnan().any()  # summed in float64: no fp16 overflow
+
+
+def test_the_rms_band_is_the_lab_measured_one_unless_a_draws_own_spread_is_wider():
+    assert memsafe.noise_rms_limit(4 * 64 * 64) == memsafe.NOISE_RMS_LIMIT == 1.10  # SD sizes
+    assert memsafe.noise_rms_limit(4 * 8 * 8) == pytest.approx(1 + 4 / 512**0.5)  # tiny latents: 4 spreads
+    draws = memsafe.noise_rms(torch.randn(20000, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
+    limit = memsafe.noise_rms_limit(4 * 8 * 8)
+    assert int(((draws > limit) | (draws < 1 / limit)).sum()) <= 4  # a plain draw is (almost) never outside
+    assert int(((draws > 1.10) | (draws < 1 / 1.10)).sum()) > 400  # as it would be with the fixed band
+
+
+def test_out_of_distribution_flags_adjusted_noise_that_left_the_gaussian_rms():
+    """Per-sample towards a minimum at RMS 1.4 (image 0) or 1.05 (image 1): only image 0 ends up outside the
+    allowed RMS band, and an untouched image is never flagged whatever its seed drew (image 2, RMS 1.3)."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 4, 8, 8, generator=gen)
+    z = z / memsafe.noise_rms(z).view(-1, 1, 1, 1)  # RMS exactly 1
+    z[2] *= 1.3
+    minimum = torch.stack([1.4 * torch.randn(4, 8, 8, generator=gen), 1.05 * z[1], z[2]])
+    minimum[0] /= memsafe.noise_rms(minimum[:1]) / 1.4
+
+    def eps_tilde(x):
+        return x - minimum  # ||eps_tilde|| is the distance to the minimum: 0 for image 2 (not at risk)
+
+    cfg = MitigationConfig(method="auto", auto_method="per_sample", target=0.05, risk_threshold=0.5,
+                           max_iterations=100, scale_with_size=False)
+    res = adjust_noise(z, eps_tilde, cfg)
+    assert res.applied == ["per_sample", "per_sample", "none"] and (res.norm_after[:2] <= 0.05).all()
+    torch.testing.assert_close(res.noise_rms, memsafe.noise_rms(res.z))
+    limit = memsafe.noise_rms_limit(4 * 8 * 8)
+    assert res.noise_rms[0] > limit and res.noise_rms[2] > limit
+    assert res.out_of_distribution().tolist() == [True, False, False]
+    shrunk = adjust_noise(z[:1], lambda x: x - minimum[:1] / 1.4 * 0.75, MitigationConfig(
+        method="per_sample", target=0.05, max_iterations=100, scale_with_size=False))
+    assert shrunk.noise_rms[0] < 1 / limit and shrunk.out_of_distribution().tolist() == [True]
+    off = adjust_noise(z, eps_tilde, MitigationConfig(method="off"))
+    assert off.noise_rms.tolist() == pytest.approx(memsafe.noise_rms(z).tolist())
+    assert not off.out_of_distribution().any()

@@ -243,6 +243,9 @@ class ImageRecord:
     iterations: int = 0
     limit: float = math.nan  # target (per-sample) or risk threshold (batch-wise/none)
     cached: bool = False
+    out_of_distribution: bool = False  # AdjustResult.out_of_distribution(): the adjusted noise left Gaussian's RMS
+    noise_rms: float = math.nan
+    noise_rms_limit: float = math.nan  # methods.noise_rms_limit at this latent size
 
     @property
     def at_risk(self) -> bool:
@@ -260,11 +263,16 @@ class ImageRecord:
         return " ".join(parts)
 
     def warning(self) -> str | None:
-        if not self.at_risk:
-            return None
-        what = "target" if self.applied == "per_sample" else "risk threshold"
-        return (f"still at risk ({self.risk_after:.4g} > {what} {self.limit:.4g}) after {self.applied}: "
-                "change the prompt")
+        warnings = []
+        if self.at_risk:
+            what = "target" if self.applied == "per_sample" else "risk threshold"
+            warnings.append(f"still at risk ({self.risk_after:.4g} > {what} {self.limit:.4g}) after {self.applied}")
+        if self.out_of_distribution:
+            low, high = 1 / self.noise_rms_limit, self.noise_rms_limit
+            warnings.append(f"noise out of distribution after {self.applied} (RMS {self.noise_rms:.3f} where "
+                            f"Gaussian noise has 1, allowed {low:.3f}-{high:.3f}): the image may be distorted or "
+                            "off-prompt")
+        return "; ".join(warnings) + ": change the prompt" if warnings else None
 
 
 @dataclass
@@ -661,11 +669,14 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
                                       should_stop=should_stop, measure_after=False, model=unet,
                                       checkpointing=mode, memory_budget=budget, max_batch=images_per_call())
         scaled = result.scaled
+        outside, rms_limit = result.out_of_distribution(), methods.noise_rms_limit(x[0].numel())
         for j, i in enumerate(misses):
             applied = result.applied[j]
             limit = scaled.target if applied == "per_sample" else scaled.risk_threshold
             after = float(result.norm_after[j])
-            record = ImageRecord(applied, float(result.norm_before[j]), after, int(result.iterations[j]), limit)
+            record = ImageRecord(applied, float(result.norm_before[j]), after, int(result.iterations[j]), limit,
+                                 out_of_distribution=bool(outside[j]), noise_rms=float(result.noise_rms[j]),
+                                 noise_rms_limit=rms_limit)
             job.records[offset + i] = record
             z_new[i] = result.z[j]
             job.cache.put(keys[i], CachedNoise(result.z[j].detach().cpu().clone(), record.risk_before, record))
