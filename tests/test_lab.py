@@ -209,6 +209,26 @@ def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mit
     assert rate["polyak"] <= rate["none"] - 0.25 and rate["polyak"] <= rate["adamw"] + 0.125
 
 
+@pytest.mark.slow
+def test_noise_out_of_distribution_is_warned_of_where_per_sample_breaks_the_image(lab):
+    """Point-mass captions are escaped only by growing the noise, and their images come out off-prompt: the
+    warning catches those; on the CFG-driven and generic prompts the adjusted noise stays a plausible draw."""
+    point_mass = pairs_for(lab.regime("point_mass"), [0, 1, 2, 3])
+    others = pairs_for(lab.regime("cfg_driven"), [0, 1]) + pairs_for(lab.regime("generic")[::3], [0])
+    run = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample")), point_mass + others)
+    n = len(point_mass)
+    outside, aligned = run.out_of_distribution, run.aligned
+    assert (~aligned[:n]).sum() >= 4, "per-sample breaks some point-mass images"
+    assert outside[:n][~aligned[:n]].float().mean() >= 0.75, "the broken ones are warned of"
+    # 3 of these 24, all from seed 0, whose draw has RMS 1.029 already (the lab's 768 elements spread 2.6%, an SD
+    # latent's 0.5%); 12 of 224 in the evaluation (bench/results/lab.md, per-sample)
+    assert outside[n:].float().mean() <= 1 / 6, "normal mitigation is rarely flagged"
+    summary = summarize(lab, run, "point_mass")
+    assert summary["out_of_distribution"] == pytest.approx(float(outside[:n].float().mean()))
+    assert summary["misaligned_out_of_distribution"] == pytest.approx(
+        float(outside[:n][~aligned[:n]].float().mean()))
+
+
 def test_paired_difference_is_per_image_and_spread_over_seeds(lab):
     pairs = pairs_for(lab.regime("cfg_driven")[:2], [0, 1])  # 4 images: each seed has two
     run = generate(lab, Method("no mitigation", "none"), pairs)

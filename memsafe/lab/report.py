@@ -33,12 +33,22 @@ def _num(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _out_of_distribution(row: dict[str, Any]) -> str:
+    """How often the noise-out-of-distribution warning fired, and (in brackets) on how many of the misaligned
+    images; rows written before it existed have neither."""
+    if "out_of_distribution" not in row:
+        return "-"
+    return f"{_pct(row['out_of_distribution'])} ({_pct(row.get('misaligned_out_of_distribution', math.nan))})"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per (method, regime): replication (± 95% confidence half-width over seeds), alignment, diversity, norms, cost."""
+    """One line per (method, regime): replication (± 95% confidence half-width over seeds), alignment, diversity,
+    norms, how often the noise left the distribution, cost."""
     head = (
         "| method | prompts | images | replication (± 95% CI over seeds) | alignment (± 95% CI) | diversity | "
-        "‖ε̃‖ before → after | guidance evals fwd/bwd per image | s per image |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "‖ε̃‖ before → after | noise out of distribution (of misaligned) | guidance evals fwd/bwd per image "
+        "| s per image |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -49,6 +59,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {_pct(r['replication'], r['replication_ci95'])} "
             f"| {_pct(r['alignment'], r['alignment_ci95'])} | {_num(r['diversity'])} "
             f"| {r['norm_before']:.3f} → {r['norm_after']:.3f} "
+            f"| {_out_of_distribution(r)} "
             f"| {r['forward_per_image']:.1f} / {r['backward_per_image']:.1f} | {r['seconds_per_image']:.2f} |"
         )
     return head + "\n".join(lines) + "\n"

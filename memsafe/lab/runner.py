@@ -171,6 +171,8 @@ class Run:
     )  # to the prompt's duplicated image (NaN: none)
     aligned: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     align_soft: Tensor = field(default_factory=lambda: torch.zeros(0))
+    # AdjustResult.out_of_distribution(): what the WebUI warns of as "noise out of distribution"
+    out_of_distribution: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
 
 ProgressFn = Callable[[int, int], None]
@@ -188,7 +190,7 @@ def generate(
     (unconditional-only first steps for the images memsafe flags). Then score the images."""
     model, steps = lab.model, lab.steps
     t0 = float(ddim_timesteps(steps)[0])
-    images, before, after, iters = [], [], [], []
+    images, before, after, iters, outside = [], [], [], [], []
     applied: list[str] = []
     forward = backward = 0
     seconds = 0.0
@@ -222,10 +224,12 @@ def generate(
             norm_after = torch.where(torch.isnan(res.norm_after), risk, res.norm_after)
             applied += list(res.applied)
             iters.append(res.iterations)
+            outside.append(res.out_of_distribution())
         else:
             norm_after = risk
             applied += ["off"] * n
             iters.append(torch.zeros(n, dtype=torch.long))
+            outside.append(torch.zeros(n, dtype=torch.bool))
 
         def sub_progress(i: int, total: int, _done: int = done, _n: int = n) -> None:
             if progress is not None:
@@ -260,6 +264,7 @@ def generate(
         backward,
         steps,
         seconds,
+        out_of_distribution=torch.cat(outside),
     )
     score(lab, run)
     return run
@@ -311,7 +316,8 @@ def paired_difference(lab: Lab, run: Run, reference: Run, regime: str) -> dict[s
 
 def summarize(lab: Lab, run: Run, regime: str) -> dict[str, Any]:
     """The metrics of ``run`` on the prompts of one regime: replication rate (mean, spread over seeds),
-    alignment, diversity, norms before/after, evaluations and seconds per image."""
+    alignment, diversity, norms before/after, how often the noise left the distribution (of all images and of
+    the misaligned ones), evaluations and seconds per image."""
     idx = [i for i, p in enumerate(run.prompts) if p.regime == regime]
     if not idx:
         return {}
@@ -328,6 +334,7 @@ def summarize(lab: Lab, run: Run, regime: str) -> dict[str, Any]:
     diversity = [pairwise_diversity(run.images[v]) for v in by_prompt.values() if len(v) > 1]
     n = len(run.prompts)
     adjusted = [run.applied[i] not in ("off", "none") for i in idx]
+    misaligned = [i for i in idx if not run.aligned[i]]
     return {
         "method": run.method.label,
         "regime": regime,
@@ -349,6 +356,11 @@ def summarize(lab: Lab, run: Run, regime: str) -> dict[str, Any]:
         "norm_before": float(run.norm_before[idx].mean()),
         "norm_after": float(run.norm_after[idx].mean()),
         "adjusted_fraction": sum(adjusted) / len(adjusted),
+        # how often the "noise out of distribution" warning fires, and how many of the off-prompt images it catches
+        "out_of_distribution": float(run.out_of_distribution[idx].float().mean()),
+        "misaligned_out_of_distribution": float(run.out_of_distribution[misaligned].float().mean())
+        if misaligned
+        else math.nan,
         "iterations_mean": float(run.iterations[idx].float().mean()),
         "forward_per_image": run.forward / n,
         "backward_per_image": run.backward / n,
