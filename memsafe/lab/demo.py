@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         f"replication: the nearest training image is a copy (similarity >= {REPLICATION_THRESHOLD}); alignment: "
         "colour and shape "
         "of the prompt recognised by a classifier trained on generic data;\ndiversity: mean pairwise distance "
-        "between a prompt's images; ‖ε̃‖: ||eps(z, prompt) - eps(z, '')|| at the first step."
+        "between a prompt's images; ‖ε̃‖: ||eps(z, prompt) - eps(z, '')|| at the first step;\nnoise out of "
+        "distribution: images whose adjusted noise memsafe warns of (RMS outside its band; in brackets: of the "
+        "misaligned images)."
     )
     print(f"wrote {args.out}/grid.png and {args.out}/tradeoff.png in {(time.time() - start) / 60:.1f} min")
     sys.stdout.flush()

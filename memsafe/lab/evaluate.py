@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .data import COLOUR_NAMES, SHAPES, random_images
+from ..methods import noise_rms_limit
+from .data import COLOUR_NAMES, IMAGE_SIZE, SHAPES, random_images
 from .metrics import nearest
 from .report import REGIME_NAMES, image_grid, markdown_table, tradeoff_plot
 from .runner import (
@@ -370,6 +371,9 @@ def lab_markdown(results: dict[str, Any], prefix: str = "lab") -> str:
         f"Command: `{command}` ({seconds / 60:.1f} min)",
         "",
         table,
+        "Noise out of distribution: the images whose adjusted noise memsafe warns of (its RMS outside "
+        f"{1 / noise_rms_limit(3 * IMAGE_SIZE**2):.3f}-{noise_rms_limit(3 * IMAGE_SIZE**2):.3f}, "
+        "`memsafe.noise_rms_limit`; Gaussian noise has 1), in brackets their share among the misaligned images.",
     ]
     if results.get("paired"):
         md += ["", "## Per-sample's default step (Polyak) against the paper's AdamW, image by image", "",
