@@ -95,13 +95,18 @@ class AdjustResult:
         )
         return self.norm_after > limit  # NaN compares False
 
+    @property
+    def noise_rms_limit(self) -> float:
+        """The band :meth:`out_of_distribution` holds ``noise_rms`` to, ``[1 / limit, limit]``, at this latent's
+        size (:func:`noise_rms_limit`; :data:`NOISE_RMS_LIMIT` at SD sizes)."""
+        return noise_rms_limit(self.z[0].numel())
+
     def out_of_distribution(self) -> Tensor:
         """[B] bool: adjusted images (batch-wise or per-sample) whose returned noise has an RMS outside
-        ``[1 / limit, limit]`` (``limit = noise_rms_limit(numel)``, :data:`NOISE_RMS_LIMIT` at SD sizes): reaching
-        the target took noise unlike a Gaussian draw, and the image may come out distorted or off-prompt.
-        Untouched images are never flagged, whatever their seed drew."""
+        ``[1 / noise_rms_limit, noise_rms_limit]``: reaching the target took noise unlike a Gaussian draw, and the
+        image may come out distorted or off-prompt. Untouched images are never flagged, whatever their seed drew."""
         adjusted = torch.tensor([a in ("batch_wise", "per_sample") for a in self.applied], dtype=torch.bool)
-        limit = noise_rms_limit(self.z[0].numel())
+        limit = self.noise_rms_limit
         outside = (self.noise_rms > limit) | (self.noise_rms < 1 / limit)
         return adjusted & outside
 

@@ -17,6 +17,7 @@ from memsafe.lab.runner import (
     LAB_PRESET,
     Lab,
     Method,
+    Run,
     generate,
     initial_noise,
     lab_config,
@@ -179,28 +180,32 @@ def test_auto_flags_point_mass_prompts_and_leaves_generic_prompts_untouched(lab)
     assert (res.norm_after[flagged] < res.norm_before[flagged]).all()
 
 
-@pytest.mark.slow
-def test_the_methods_reduce_replication_of_cfg_driven_prompts(lab):
+@pytest.fixture(scope="module")
+def cfg_driven_runs(lab) -> dict[str, Run]:
+    """No mitigation and per-sample (the lab preset, the default step: Polyak's) on the CFG-driven prompts with
+    seeds 0 and 1: generated once for the tests that read them."""
     pairs = pairs_for(lab.regime("cfg_driven"), [0, 1])
-    rates = {}
-    for m in (
-        Method("no mitigation", "none"),
-        Method("batch-wise", "batch_wise", lab_config("batch_wise")),
-        Method("per-sample", "per_sample", lab_config("per_sample")),
-    ):
-        run = generate(lab, m, pairs)
-        rates[m.family] = float((run.nn_sim >= lab.threshold).float().mean())
+    return {"none": generate(lab, Method("no mitigation", "none"), pairs),
+            "per_sample": generate(lab, Method("per-sample", "per_sample", lab_config("per_sample")), pairs)}
+
+
+@pytest.mark.slow
+def test_the_methods_reduce_replication_of_cfg_driven_prompts(lab, cfg_driven_runs):
+    batch_wise = generate(lab, Method("batch-wise", "batch_wise", lab_config("batch_wise")),
+                          pairs_for(lab.regime("cfg_driven"), [0, 1]))
+    rates = {name: float((run.nn_sim >= lab.threshold).float().mean())
+             for name, run in (*cfg_driven_runs.items(), ("batch_wise", batch_wise))}
     assert rates["none"] >= 0.5
     assert rates["per_sample"] <= rates["none"] - 0.25
     assert rates["batch_wise"] < rates["none"]
 
 
 @pytest.mark.slow
-def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mitigates(lab):
-    pairs = pairs_for(lab.regime("cfg_driven"), [0, 1])
-    none = generate(lab, Method("no mitigation", "none"), pairs)
+def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mitigates(lab, cfg_driven_runs):
+    assert lab_config("per_sample") == lab_config("per_sample", optimizer="polyak")  # the fixture's run is Polyak's
+    none, polyak = cfg_driven_runs["none"], cfg_driven_runs["per_sample"]
+    pairs = list(zip(polyak.prompts, polyak.seeds, strict=True))
     adamw = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample", optimizer="adamw")), pairs)
-    polyak = generate(lab, Method("polyak", "per_sample", lab_config("per_sample", optimizer="polyak")), pairs)
     target = LAB_PRESET["target"]
     assert (polyak.norm_after <= target).all() and (adamw.norm_after <= target).all()
     assert polyak.iterations.float().mean() <= adamw.iterations.float().mean() / 3
@@ -210,19 +215,21 @@ def test_polyak_reaches_the_target_in_a_fraction_of_the_iterations_and_still_mit
 
 
 @pytest.mark.slow
-def test_noise_out_of_distribution_is_warned_of_where_per_sample_breaks_the_image(lab):
+def test_noise_out_of_distribution_is_warned_of_where_per_sample_breaks_the_image(lab, cfg_driven_runs):
     """Point-mass captions are escaped only by growing the noise, and their images come out off-prompt: the
     warning catches those; on the CFG-driven and generic prompts the adjusted noise stays a plausible draw."""
     point_mass = pairs_for(lab.regime("point_mass"), [0, 1, 2, 3])
-    others = pairs_for(lab.regime("cfg_driven"), [0, 1]) + pairs_for(lab.regime("generic")[::3], [0])
-    run = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample")), point_mass + others)
+    run = generate(lab, Method("per-sample", "per_sample", lab_config("per_sample")),
+                   point_mass + pairs_for(lab.regime("generic")[::3], [0]))
     n = len(point_mass)
     outside, aligned = run.out_of_distribution, run.aligned
     assert (~aligned[:n]).sum() >= 4, "per-sample breaks some point-mass images"
     assert outside[:n][~aligned[:n]].float().mean() >= 0.75, "the broken ones are warned of"
-    # 3 of these 24, all from seed 0, whose draw has RMS 1.029 already (the lab's 768 elements spread 2.6%, an SD
-    # latent's 0.5%); 12 of 224 in the evaluation (bench/results/lab.md, per-sample)
-    assert outside[n:].float().mean() <= 1 / 6, "normal mitigation is rarely flagged"
+    # others: the CFG-driven prompts (seeds 0, 1) and 8 generic ones (seed 0). 3 of these 24, all from seed 0,
+    # whose draw has RMS 1.029 already (the lab's 768 elements spread 2.6%, an SD latent's 0.5%); 12 of 224 in the
+    # evaluation (bench/results/lab.md, per-sample)
+    others = torch.cat([cfg_driven_runs["per_sample"].out_of_distribution, outside[n:]])
+    assert len(others) == 24 and others.float().mean() <= 1 / 6, "normal mitigation is rarely flagged"
     summary = summarize(lab, run, "point_mass")
     assert summary["out_of_distribution"] == pytest.approx(float(outside[:n].float().mean()))
     assert summary["misaligned_out_of_distribution"] == pytest.approx(

@@ -245,7 +245,7 @@ class ImageRecord:
     cached: bool = False
     out_of_distribution: bool = False  # AdjustResult.out_of_distribution(): the adjusted noise left Gaussian's RMS
     noise_rms: float = math.nan
-    noise_rms_limit: float = math.nan  # methods.noise_rms_limit at this latent size
+    noise_rms_limit: float = math.nan  # AdjustResult.noise_rms_limit: the band at this latent size
 
     @property
     def at_risk(self) -> bool:
@@ -669,14 +669,14 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
                                       should_stop=should_stop, measure_after=False, model=unet,
                                       checkpointing=mode, memory_budget=budget, max_batch=images_per_call())
         scaled = result.scaled
-        outside, rms_limit = result.out_of_distribution(), methods.noise_rms_limit(x[0].numel())
+        outside = result.out_of_distribution()
         for j, i in enumerate(misses):
             applied = result.applied[j]
             limit = scaled.target if applied == "per_sample" else scaled.risk_threshold
             after = float(result.norm_after[j])
             record = ImageRecord(applied, float(result.norm_before[j]), after, int(result.iterations[j]), limit,
                                  out_of_distribution=bool(outside[j]), noise_rms=float(result.noise_rms[j]),
-                                 noise_rms_limit=rms_limit)
+                                 noise_rms_limit=result.noise_rms_limit)
             job.records[offset + i] = record
             z_new[i] = result.z[j]
             job.cache.put(keys[i], CachedNoise(result.z[j].detach().cpu().clone(), record.risk_before, record))
