@@ -174,6 +174,12 @@ class MemSafeScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         a1111.before_sampling(p, kwargs["noise"], kwargs["c"], kwargs["uc"])
 
+    def postprocess_batch(self, p, *args, **kwargs):
+        a1111.before_image(p, batch_index=0)
+
+    def postprocess_image(self, p, pp, *args):
+        a1111.before_image(p)
+
     def postprocess(self, p, processed, *args):
         a1111.finish_job(p, processed)
 

@@ -394,6 +394,12 @@ class ScriptRunner:
         if self.has_sampling_hook:  # A1111 >= 1.10 only (processing.py L1338)
             self._call("process_before_every_sampling", p, **kwargs)
 
+    def postprocess_batch(self, p, **kwargs):
+        self._call("postprocess_batch", p, **kwargs)
+
+    def postprocess_image(self, p, pp):
+        self._call("postprocess_image", p, pp)
+
     def postprocess(self, p, processed):
         self._call("postprocess", p, processed)
 
@@ -401,7 +407,7 @@ class ScriptRunner:
 def process_images(p):
     """process_images_inner (processing.py L863-1148) reduced: process -> per batch: ImageRNG, process_batch,
     setup_conds, p.sample under no_grad, per-image infotext -> Processed -> postprocess."""
-    shared = sys.modules["modules.shared"]
+    shared, processing = sys.modules["modules.shared"], sys.modules["modules.processing"]
     p.all_prompts = [p.prompt] * (p.batch_size * p.n_iter) if isinstance(p.prompt, str) else list(p.prompt)
     p.all_seeds = [p.seed + i for i in range(len(p.all_prompts))] if isinstance(p.seed, int) else list(p.seed)
     if p.scripts is not None:
@@ -422,10 +428,15 @@ def process_images(p):
             p.c = multicond_learned_conditioning(p.prompts, p.steps)
             p.uc = learned_conditioning([p.negative_prompt] * len(p.prompts), p.steps)
             samples = p.sample(p.c, p.uc, p.seeds, None, 0.0, p.prompts)
+            if p.scripts is not None:
+                p.scripts.postprocess_batch(p, images=samples, batch_number=n)  # L1017
             for i in range(samples.shape[0]):
+                p.batch_index = i  # L1032
+                if p.scripts is not None:
+                    p.scripts.postprocess_image(p, types.SimpleNamespace(image=samples[i]))  # L1050
                 images.append(samples[i])
-                # processing.py L1026-1027: this batch's prompts and seeds, the index within the batch
-                infotexts.append(create_infotext(p, p.prompts, p.seeds, index=i))
+                # L1026-1027, L1087: this batch's prompts and seeds, the index within the batch
+                infotexts.append(processing.create_infotext(p, p.prompts, p.seeds, index=i))
     processed = Processed(p, images, infotexts)
     if p.scripts is not None:
         p.scripts.postprocess(p, processed)
@@ -450,6 +461,18 @@ def create_infotext(p, all_prompts, all_seeds, all_subseeds=None, comments=None,
     return ", ".join(f"{k}: {v}" for k, v in generation_params.items() if v is not None)
 
 
+def create_infotext_before_1_9(p, all_prompts, all_seeds, all_subseeds=None, comments=None, iteration=0,
+                               position_in_batch=0, use_main_prompt=False, index=None, all_negative_prompts=None):
+    """create_infotext of A1111 1.6-1.8 (v1.8.0 processing.py L705-751) reduced: every extra_generation_params
+    value is written as it is, a list or a callable too (through str(); quote() only adds JSON quotes)."""
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
+    generation_params = {"Seed": all_seeds[index], **p.extra_generation_params}
+    return ", ".join(f"{k}: {v}" for k, v in generation_params.items() if v is not None)
+
+
 def run_job(p):
     """txt2img.py L79-83 / api.py L468: ``with closing(p): process_images(p)``."""
     with closing(p):
@@ -461,8 +484,9 @@ class Opts(types.SimpleNamespace):  # shared.opts: the options MemSafe reads (sh
     pass
 
 
-def install(sd_model, *, has_sampling_hook=True, **opts):
-    """Put a fresh ``modules`` package into sys.modules; returns it."""
+def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, **opts):
+    """Put a fresh ``modules`` package into sys.modules; returns it. ``has_sampling_hook=False``: A1111 1.6-1.9;
+    with ``infotext_callables=False`` too: 1.6-1.8 (no per-image infotext values)."""
     uninstall()
     modules = types.ModuleType("modules")
     modules.__path__ = []
@@ -486,6 +510,7 @@ def install(sd_model, *, has_sampling_hook=True, **opts):
         setattr(callbacks, hook, lambda fn, *, name=None, _hook=hook: callbacks.startup.append((_hook, fn)))
     processing = types.ModuleType("modules.processing")
     processing.StableDiffusionProcessingTxt2Img = StandInTxt2Img  # processing.py L1166
+    processing.create_infotext = create_infotext if infotext_callables else create_infotext_before_1_9
     for name, module in (("shared", shared), ("prompt_parser", prompt_parser), ("scripts", scripts),
                          ("script_callbacks", callbacks), ("processing", processing)):
         setattr(modules, name, module)

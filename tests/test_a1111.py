@@ -316,6 +316,40 @@ def test_per_image_results_warnings_and_api_lists(host, sd_model, script):
     assert f"MemSafe result: {results[0]}," in main
 
 
+def test_a_webui_before_1_9_gets_each_images_own_texts_as_plain_values(sd_model):
+    """A1111 1.6-1.8 write infotext values as they are (no per-image lists or callables): MemSafe writes each image's
+    texts just before its infotext is made, and the images come out as on 1.10 with the same infotexts."""
+    args = on("per_sample", max_iterations=2, target=0.0)
+    webui.install(sd_model)
+    try:
+        _, new = run(sd_model, webui.load_script().MemSafeScript(), args, batch_size=2, n_iter=2)
+        host = webui.install(sd_model, has_sampling_hook=False, infotext_callables=False)
+        assert not a1111.infotext_calls_values()
+        p = make_p(sd_model, webui.load_script().MemSafeScript(), args, batch_size=2, n_iter=2)
+        sample, made_while_sampling = p.sample, []
+
+        def sample_and_save_before_hires(*a, **k):  # the hires pass's "before highres fix" save (v1.8.0 L1292)
+            samples = sample(*a, **k)
+            made_while_sampling.append(host.processing.create_infotext(p, p.all_prompts, p.all_seeds, index=0))
+            return samples
+
+        p.sample = sample_and_save_before_hires
+        old = webui.run_job(p)
+        assert ["MemSafe result" in t for t in made_while_sampling] == [False, False]  # not the last batch's text
+        assert old.infotexts == new.infotexts and "bound method" not in "".join(old.infotexts)
+        results = p.extra_generation_params["MemSafe result"]
+        assert len(set(results)) == 4 and all(f"MemSafe result: {r}," in t for r, t in zip(results, old.infotexts))
+        assert all("MemSafe warning: still at risk" in t for t in old.infotexts)
+        assert old.comments == new.comments and old.comments.count("MemSafe: image") == 4
+        torch.testing.assert_close(torch.stack(old.images), torch.stack(new.images), rtol=1e-4, atol=1e-4)
+        host.shared.opts.memsafe_fail_policy = a1111.FAIL_CONTINUE  # the job-wide text is a plain value too
+        _, skipped = run(sd_model, webui.load_script().MemSafeScript(), on("per_sample", lr=-1.0), batch_size=2)
+        assert all("MemSafe result: NOT APPLIED (lr" in t for t in skipped.infotexts)
+        assert callbacks(host) == []
+    finally:
+        webui.uninstall()
+
+
 def test_noise_pushed_out_of_distribution_is_warned_of_also_from_the_cache(host, sd_model, script):
     far = on("per_sample", optimizer="adamw", lr=1.0, max_iterations=3)  # each element moves by about 1 per step
     p, processed = run(sd_model, script, far, batch_size=2, seed=40)

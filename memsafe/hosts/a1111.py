@@ -294,6 +294,16 @@ class SamplingContext:
     first: bool = False
 
 
+def infotext_calls_values() -> bool:
+    """Whether this WebUI's ``create_infotext`` calls a callable ``extra_generation_params`` value with its locals
+    to get one image's value (A1111 >= 1.9, processing.py L801-808). Before 1.9 it writes every value as it is (a
+    callable as ``<bound method ...>``), so MemSafe then writes each image's text itself (``before_image``). Read
+    from the function's code (``callable`` among the names it looks up), which needs no version string or source."""
+    from modules import processing
+
+    return "callable" in processing.create_infotext.__code__.co_names
+
+
 def job_index(index: int, p: Any = None, all_seeds: Any = None, use_main_prompt: bool = False, **_: Any) -> int:
     """The position in the whole job of the image that ``create_infotext`` describes. Its ``index`` points into
     its ``all_seeds``: the current batch's seeds (``p.seeds``) while images are made (processing.py L1026-1027,
@@ -318,6 +328,7 @@ class Job:
         self.error: str | None = None
         self.skipped_reason: str | None = None  # fail policy "continue": why nothing was applied
         self.sampling: SamplingContext | None = None
+        self.infotext_callables = True  # infotext_calls_values() of this WebUI, set when attached to p
         self._callbacks: list[Callable[..., None]] = []
 
     # infotext values (create_infotext calls them with its locals: p, index, all_seeds, ...; processing.py L801-808)
@@ -504,13 +515,15 @@ def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
     p.extra_generation_params["MemSafe"] = job.config.to_string()
     if request.preset != "custom":
         p.extra_generation_params["MemSafe preset"] = family if request.preset == "auto" else request.preset
-    p.extra_generation_params["MemSafe result"] = job.result_text
-    p.extra_generation_params["MemSafe warning"] = job.warning_text
+    if job.infotext_callables:
+        p.extra_generation_params["MemSafe result"] = job.result_text
+        p.extra_generation_params["MemSafe warning"] = job.warning_text
     return job
 
 
 def _attach(p: Any, job: Job) -> None:
     setattr(p, JOB_ATTR, job)
+    job.infotext_callables = infotext_calls_values()
     original_close = p.close
 
     def close(*a: Any, **k: Any) -> Any:  # runs at the end of every job, also after an exception
@@ -531,7 +544,7 @@ def job_failed(p: Any, job: Job, error: BaseException) -> None:
     if fail_policy() == FAIL_CONTINUE:
         log.warning("%s; continuing unmitigated (setting memsafe_fail_policy)", message)
         job.skipped_reason = message.removeprefix("memsafe: ")
-        p.extra_generation_params["MemSafe result"] = job.result_text
+        p.extra_generation_params["MemSafe result"] = job.result_text if job.infotext_callables else job.result_text()
         return
     log.error("%s; the job is stopped (setting memsafe_fail_policy)", message)
     job.error = message
@@ -772,11 +785,38 @@ def has_sampling_hook() -> bool:
 
 
 def before_batch(p: Any) -> None:
-    """``Script.process_batch``: on A1111 1.6-1.9 install the one-shot noise proxy for this batch."""
+    """``Script.process_batch``: on A1111 1.6-1.9 install the one-shot noise proxy for this batch. Before 1.9 the
+    per-image infotext values are cleared: until ``before_image`` writes this batch's, an infotext made now (the
+    hires pass's "before highres fix" save) carries none rather than the previous batch's last image's."""
     job = getattr(p, JOB_ATTR, None)
-    if job is None or has_sampling_hook() or isinstance(p.rng, _OneShotNoise):
+    if job is None:
+        return
+    if not job.infotext_callables:
+        _write_image_values(p, job, None)
+    if has_sampling_hook() or isinstance(p.rng, _OneShotNoise):
         return
     p.rng = _OneShotNoise(p, p.rng)
+
+
+def before_image(p: Any, batch_index: int | None = None) -> None:
+    """``Script.postprocess_batch`` (with ``batch_index=0``) and ``postprocess_image`` (``p.batch_index``): before
+    A1111 1.9, whose infotext has no per-image values, write the MemSafe texts of the image whose infotext comes
+    next as plain strings (processing.py L1017-1087: postprocess_batch, then per image ``p.batch_index = i``,
+    postprocess_image, the image's saves and infotext). Two infotexts still get a neighbour's text there: a
+    "before face restoration" save of image i > 0 (made before its postprocess_image: image i-1's) and the grid's
+    (made after the last image: the last image's). From 1.9 on the job's callables give every infotext its own."""
+    job = getattr(p, JOB_ATTR, None)
+    if job is None or job.infotext_callables:
+        return
+    position = p.batch_index if batch_index is None else batch_index
+    _write_image_values(p, job, int(p.iteration) * int(p.batch_size) + int(position))
+
+
+def _write_image_values(p: Any, job: Job, index: int | None) -> None:
+    """The MemSafe result and warning of image ``index`` of the job as plain infotext values (None: none)."""
+    params = p.extra_generation_params
+    params["MemSafe result"] = None if index is None else job.result_text(index)
+    params["MemSafe warning"] = None if index is None else job.warning_text(index)
 
 
 def finish_job(p: Any, processed: Any) -> None:
@@ -788,9 +828,9 @@ def finish_job(p: Any, processed: Any) -> None:
     job.finish()
     total = job.total_images(p)
     params = p.extra_generation_params
-    if callable(params.get("MemSafe result")):
+    if "MemSafe result" in params:  # callables, or before 1.9 the last image's strings (before_image)
         params["MemSafe result"] = [job.result_text(index=i) for i in range(total)]
-    if callable(params.get("MemSafe warning")):
+    if "MemSafe warning" in params:
         warnings = [job.warning_text(index=i) for i in range(total)]
         params["MemSafe warning"] = warnings if any(warnings) else None
         notes = [f"MemSafe: image {i + 1} (seed {p.all_seeds[i]}): {w}" for i, w in enumerate(warnings) if w]
