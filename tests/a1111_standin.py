@@ -137,6 +137,7 @@ def _make_callbacks_module() -> types.ModuleType:
         return run
 
     m.errors = []
+    m.params_name_the_denoiser = True  # A1111 >= 1.8
     m.on_cfg_denoiser, m.on_cfg_denoised = add("cfg_denoiser"), add("cfg_denoised")
     m.cfg_denoiser_callback, m.cfg_denoised_callback = call("cfg_denoiser"), call("cfg_denoised")
     m.remove_callbacks_for_function = remove_callbacks_for_function
@@ -198,7 +199,11 @@ class StandInCFGDenoiser(nn.Module):
         sigma_in = torch.cat([sigma[i].expand(n) for i, n in enumerate(repeats)] + [sigma])
         image_cond_in = torch.cat([image_cond[i].expand(n, *image_cond.shape[1:]) for i, n in enumerate(repeats)]
                                   + [image_cond])
-        params = CFGDenoiserParams(x_in, image_cond_in, sigma_in, 0, 0, tensor, uncond, self)
+        # v1.7.0 L133 passes no denoiser, v1.8.0 L206 (and 1.10.1) passes self
+        params = CFGDenoiserParams(x_in, image_cond_in, sigma_in, 0, 0, tensor, uncond,
+                                   *([self] if cb.params_name_the_denoiser else []))
+        if not cb.params_name_the_denoiser:
+            del params.denoiser  # v1.6.0 script_callbacks.py L43-64: the class has no such field
         cb.cfg_denoiser_callback(params)
         if isinstance(params.text_cond, dict):  # L219-220 and catenate_conds L11-15 (SDXL)
             cond_in = {k: torch.cat([params.text_cond[k], params.text_uncond[k]]) for k in params.text_cond}
@@ -484,9 +489,11 @@ class Opts(types.SimpleNamespace):  # shared.opts: the options MemSafe reads (sh
     pass
 
 
-def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, **opts):
+def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, callbacks_name_the_denoiser=True,
+            **opts):
     """Put a fresh ``modules`` package into sys.modules; returns it. ``has_sampling_hook=False``: A1111 1.6-1.9;
-    with ``infotext_callables=False`` too: 1.6-1.8 (no per-image infotext values)."""
+    with ``infotext_callables=False`` too: 1.6-1.8 (no per-image infotext values); with
+    ``callbacks_name_the_denoiser=False`` too: 1.6-1.7 (the cfg_denoiser callback does not say whose call it is)."""
     uninstall()
     modules = types.ModuleType("modules")
     modules.__path__ = []
@@ -505,6 +512,7 @@ def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, **opts
     scripts.Script = type("Script", (), base)
     scripts.AlwaysVisible = object()  # scripts.py L13
     callbacks = _make_callbacks_module()
+    callbacks.params_name_the_denoiser = callbacks_name_the_denoiser
     callbacks.startup = []
     for hook in ("on_ui_settings", "on_before_ui", "on_app_started"):  # script_callbacks.py L456-591
         setattr(callbacks, hook, lambda fn, *, name=None, _hook=hook: callbacks.startup.append((_hook, fn)))

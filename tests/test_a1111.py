@@ -209,6 +209,35 @@ def test_webui_before_1_10_uses_the_one_shot_rng_proxy_with_the_same_result(sd_m
         webui.uninstall()
 
 
+OLDER_HOSTS = {  # what A1111 before 1.10 lacks, as the stand-in's switches
+    "1.9": {"has_sampling_hook": False},
+    "1.8": {"has_sampling_hook": False, "infotext_callables": False},
+    "1.6-1.7": {"has_sampling_hook": False, "infotext_callables": False, "callbacks_name_the_denoiser": False},
+}
+
+
+@pytest.mark.parametrize("version", OLDER_HOSTS)
+@pytest.mark.parametrize("sampler_name", ["sample_euler", "ddim"])
+@pytest.mark.parametrize("method", ["batch_wise", "per_sample"])
+def test_older_webuis_make_the_same_images_and_infotexts(sd_model, version, sampler_name, method):
+    """The unconditional first steps, the risk measured at the first step and the per-image texts work on every
+    supported WebUI; only 1.6-1.7 pay one model call more (their cfg_denoiser callback does not say whose call it
+    is, so the per-sample method's last check cannot stand in for the first call)."""
+    webui.install(sd_model)
+    try:
+        _, new = run(sd_model, webui.load_script().MemSafeScript(), on(method), batch_size=2, sampler_name=sampler_name)
+        calls_new, sd_model.calls = sd_model.calls, 0
+        host = webui.install(sd_model, **OLDER_HOSTS[version])
+        p, old = run(sd_model, webui.load_script().MemSafeScript(), on(method), batch_size=2, sampler_name=sampler_name)
+        torch.testing.assert_close(torch.stack(old.images), torch.stack(new.images), rtol=1e-4, atol=1e-4)
+        assert old.infotexts == new.infotexts and all("->" in r for r in p.extra_generation_params["MemSafe result"])
+        reused = method == "per_sample"  # batch-wise's last evaluation is not at the noise it hands the sampler
+        assert sd_model.calls == calls_new + (1 if reused and version == "1.6-1.7" else 0)
+        assert callbacks(host) == []
+    finally:
+        webui.uninstall()
+
+
 def test_callbacks_are_removed_after_an_exception(host, sd_model, script):
     p = make_p(sd_model, script, on("batch_wise"), batch_size=2)
     original = webui.StandInKDiffusionSampler.sample

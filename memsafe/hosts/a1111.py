@@ -292,6 +292,8 @@ class SamplingContext:
     seen_first: bool = False
     early: bool = False
     first: bool = False
+    level: float = math.nan  # the noise level of the CFG call under way (its cfg_denoiser callback's sigma)
+    whose_unknown: bool = False  # A1111 < 1.8: its cfg_denoiser callback does not say which denoiser calls
 
 
 def infotext_calls_values() -> bool:
@@ -372,20 +374,26 @@ class Job:
         ctx = self.sampling
         if ctx is None:
             return
-        denoiser = getattr(params, "denoiser", None)  # A1111 >= 1.6 passes it (cfg_denoiser.py L235)
-        ours = denoiser is ctx.denoiser
-        level = float(params.sigma[0])
-        ctx.first = ours and not ctx.seen_first
-        ctx.seen_first = ctx.seen_first or ours
+        ctx.level = float(params.sigma[0])
+        if not hasattr(params, "denoiser"):  # A1111 1.6-1.7 (1.8 added it, cfg_denoiser.py L235 in 1.10.1)
+            ctx.whose_unknown = True  # the cfg_denoised callback of this call tells, by its inner_model
+            return
+        denoiser = params.denoiser
+        _classify_call(ctx, denoiser is ctx.denoiser)
         if ctx.first and ctx.reuse is not None and isinstance(getattr(denoiser, "model_wrap", None),
                                                               torch.nn.Module):
             ctx.stand_in = ReuseFirstCall(denoiser, ctx.reuse)
             ctx.reuse = None
-        ctx.early = bool(ours and methods.uncond_only(level, ctx.schedule, ctx.uncond_steps))
 
     def _on_cfg_denoised(self, params: Any) -> None:
         ctx = self.sampling
-        if ctx is None or not (ctx.first or ctx.early):
+        if ctx is None:
+            return
+        if ctx.whose_unknown:  # too late to reuse the first call; in time for what follows
+            ctx.whose_unknown = False
+            model = getattr(params, "inner_model", None)
+            _classify_call(ctx, model is not None and model is getattr(ctx.denoiser, "model_wrap", None))
+        if not (ctx.first or ctx.early):
             return
         x_out = params.x
         batch = len(ctx.rows)
@@ -420,6 +428,13 @@ class Job:
     def finish(self) -> None:
         self.remove_callbacks()
         self.set_sampling(None)
+
+
+def _classify_call(ctx: SamplingContext, ours: bool) -> None:
+    """Whether the CFG call under way is this batch's sampler's first, and one of its unconditional-only steps."""
+    ctx.first = ours and not ctx.seen_first
+    ctx.seen_first = ctx.seen_first or ours
+    ctx.early = bool(ours and methods.uncond_only(ctx.level, ctx.schedule, ctx.uncond_steps))
 
 
 class ReuseFirstCall(torch.nn.Module):
