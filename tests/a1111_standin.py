@@ -172,6 +172,46 @@ class StandInSDModel(nn.Module):
         return out * math.nan if self.fail_with_nan else out
 
 
+class _LdmCheckpointFunction(torch.autograd.Function):
+    """ldm's CheckpointFunction (ldm/modules/diffusionmodules/util.py), restated: the forward runs the block under
+    no_grad; the backward recomputes it and differentiates its inputs AND its weights (``allow_unused`` only
+    forgives weights the output does not use, not weights that do not require grad)."""
+
+    @staticmethod
+    def forward(ctx, run, n_inputs, *args):
+        ctx.run, ctx.inputs, ctx.params = run, args[:n_inputs], args[n_inputs:]
+        with torch.no_grad():
+            return run(*ctx.inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [x.detach().requires_grad_(True) for x in ctx.inputs]
+        with torch.enable_grad():
+            out = ctx.run(*inputs)
+        return (None, None, *torch.autograd.grad(out, inputs + list(ctx.params), grads, allow_unused=True))
+
+
+class LdmCheckpointedUNet(nn.Module):
+    """A UNet as A1111 before 1.10 builds it (``use_checkpoint: True`` in v1-inference.yaml): each block runs through
+    ldm's ``checkpoint(func, inputs, params, flag)``; here the whole UNet is one such block, with ldm's two flag
+    names (ResBlock ``use_checkpoint``, BasicTransformerBlock ``checkpoint``) on it and on an inner part."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.use_checkpoint = unet, True
+        self.inner = nn.Module()
+        self.inner.checkpoint = True
+
+    def forward(self, x, t, encoder_hidden_states):
+        if not (self.use_checkpoint and self.inner.checkpoint):
+            return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+        def block(x, context):
+            return self.unet(x, t, encoder_hidden_states=context).sample
+
+        sample = _LdmCheckpointFunction.apply(block, 2, x, encoder_hidden_states, *self.unet.parameters())
+        return types.SimpleNamespace(sample=sample)
+
+
 # -- samplers (sd_samplers_cfg_denoiser.py, sd_samplers_kdiffusion.py, sd_samplers_timesteps.py) ---------------
 class StandInCFGDenoiser(nn.Module):
     """CFGDenoiser.forward (cfg_denoiser.py L155-311) reduced to what MemSafe relies on: conds reconstructed at

@@ -238,6 +238,24 @@ def test_older_webuis_make_the_same_images_and_infotexts(sd_model, version, samp
         webui.uninstall()
 
 
+@pytest.mark.parametrize("checkpointing", ["never", "always"])
+def test_per_sample_runs_on_a_unet_with_ldms_own_checkpointing_and_leaves_it_on(unet, checkpointing):
+    """A1111 1.6-1.9 build the UNet with ldm's gradient checkpointing on, whose backward differentiates the frozen
+    weights: MemSafe turns it off while it adjusts (the same images as without it) and back on afterwards."""
+    plain, ldm = webui.StandInSDModel(unet), webui.StandInSDModel(webui.LdmCheckpointedUNet(unet))
+    images = []
+    for sd_model in (plain, ldm):
+        host = webui.install(sd_model, has_sampling_hook=False, memsafe_checkpointing=checkpointing)
+        try:
+            p, processed = run(sd_model, webui.load_script().MemSafeScript(), on("per_sample"), batch_size=2)
+            assert all("MemSafe result: per_sample" in t for t in processed.infotexts) and callbacks(host) == []
+            images.append(torch.stack(processed.images))
+        finally:
+            webui.uninstall()
+    torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-4)
+    assert ldm.unet.use_checkpoint is True and ldm.unet.inner.checkpoint is True
+
+
 def test_callbacks_are_removed_after_an_exception(host, sd_model, script):
     p = make_p(sd_model, script, on("batch_wise"), batch_size=2)
     original = webui.StandInKDiffusionSampler.sample

@@ -22,7 +22,8 @@ import hashlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,33 @@ def unet_of(sd_model: Any) -> torch.nn.Module | None:
                 "diffusion_model", None),
     )
     return next((m for m in candidates if isinstance(m, torch.nn.Module)), None)
+
+
+LDM_CHECKPOINT_FLAGS = ("use_checkpoint", "checkpoint")  # ldm/sgm ResBlock, AttentionBlock / BasicTransformerBlock
+
+
+@contextmanager
+def ldm_checkpointing_off(unet: torch.nn.Module | None) -> Iterator[None]:
+    """Inside the ``with``, the UNet's blocks run without ldm's (and sgm's) own gradient checkpointing; on exit, also
+    on error, the flags that were on are on again. A1111 before 1.10 builds every UNet with it on (``use_checkpoint:
+    True`` in v1-inference.yaml and sd_xl_base.yaml; 1.10 turns it off at load, sd_models.py L618-624). Its
+    backward differentiates each block's weights as well, which fails once MemSafe has frozen them ("One of the
+    differentiated Tensors does not require grad"), and it would recompute every block whatever MemSafe's
+    checkpointing setting says. The forward pass computes the same numbers either way (ldm diffusionmodules/util.py
+    ``checkpoint``: the block's function, under no_grad when on)."""
+    switched = []
+    for module in unet.modules() if unet is not None else ():
+        for flag in LDM_CHECKPOINT_FLAGS:
+            if getattr(module, flag, None) is True:  # a bool attribute only: never a method of that name
+                setattr(module, flag, False)
+                switched.append((module, flag))
+    if switched:
+        log.info("memsafe: ldm gradient checkpointing off in %d UNet blocks while adjusting", len(switched))
+    try:
+        yield
+    finally:
+        for module, flag in switched:
+            setattr(module, flag, True)
 
 
 # -- model family ------------------------------------------------------------------------------------------------
@@ -693,9 +721,11 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
         unet = unet_of(p.sd_model)
         mode = checkpointing_setting() if unet is not None else "on_oom"  # on_oom without a model: halving only
         budget = memory_budget() if mode in ("budget", "on_oom") else None
-        result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config, progress=progress,
-                                      should_stop=should_stop, measure_after=False, model=unet,
-                                      checkpointing=mode, memory_budget=budget, max_batch=images_per_call())
+        with ldm_checkpointing_off(unet):
+            result = methods.adjust_noise(x.index_select(0, index.to(x.device)), sub, job.config,
+                                          progress=progress, should_stop=should_stop, measure_after=False,
+                                          model=unet, checkpointing=mode, memory_budget=budget,
+                                          max_batch=images_per_call())
         scaled = result.scaled
         outside = result.out_of_distribution()
         for j, i in enumerate(misses):
