@@ -113,15 +113,20 @@ class CFGDenoisedParams:  # L72-85
             x, sampling_step, total_sampling_steps, inner_model)
 
 
-def _make_callbacks_module() -> types.ModuleType:
+def _make_callbacks_module(callbacks_take_names: bool = True) -> types.ModuleType:
     m = types.ModuleType("modules.script_callbacks")
+    m.callbacks_take_names = callbacks_take_names  # A1111 >= 1.9
     m.callback_map = {"callbacks_cfg_denoiser": [], "callbacks_cfg_denoised": []}  # L219-244
     Callback = namedtuple("ScriptCallback", ["script", "callback", "name"])  # L121-124
 
     def add(category):
         def register(fn, *, name=None):  # L523-536: appended to a global list
             m.callback_map[f"callbacks_{category}"].append(Callback("memsafe", fn, name))
-        return register
+
+        def register_before_1_9(fn):  # v1.8.0 script_callbacks.py L421-434: the callback only
+            register(fn)
+
+        return register if m.callbacks_take_names else register_before_1_9
 
     def remove_callbacks_for_function(fn):  # L447-453
         for callbacks in m.callback_map.values():
@@ -529,11 +534,12 @@ class Opts(types.SimpleNamespace):  # shared.opts: the options MemSafe reads (sh
     pass
 
 
-def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, callbacks_name_the_denoiser=True,
-            **opts):
+def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, callbacks_take_names=True,
+            callbacks_name_the_denoiser=True, **opts):
     """Put a fresh ``modules`` package into sys.modules; returns it. ``has_sampling_hook=False``: A1111 1.6-1.9;
-    with ``infotext_callables=False`` too: 1.6-1.8 (no per-image infotext values); with
-    ``callbacks_name_the_denoiser=False`` too: 1.6-1.7 (the cfg_denoiser callback does not say whose call it is)."""
+    with ``infotext_callables=False, callbacks_take_names=False`` too: 1.6-1.8 (no per-image infotext values,
+    ``on_cfg_denoiser(callback)`` without ``name=``); with ``callbacks_name_the_denoiser=False`` too: 1.6-1.7 (the
+    cfg_denoiser callback does not say whose call it is)."""
     uninstall()
     modules = types.ModuleType("modules")
     modules.__path__ = []
@@ -551,7 +557,7 @@ def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, callba
         base["process_before_every_sampling"] = lambda self, p, *a, **k: None
     scripts.Script = type("Script", (), base)
     scripts.AlwaysVisible = object()  # scripts.py L13
-    callbacks = _make_callbacks_module()
+    callbacks = _make_callbacks_module(callbacks_take_names)
     callbacks.params_name_the_denoiser = callbacks_name_the_denoiser
     callbacks.startup = []
     for hook in ("on_ui_settings", "on_before_ui", "on_app_started"):  # script_callbacks.py L456-591

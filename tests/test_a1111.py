@@ -211,8 +211,9 @@ def test_webui_before_1_10_uses_the_one_shot_rng_proxy_with_the_same_result(sd_m
 
 OLDER_HOSTS = {  # what A1111 before 1.10 lacks, as the stand-in's switches
     "1.9": {"has_sampling_hook": False},
-    "1.8": {"has_sampling_hook": False, "infotext_callables": False},
-    "1.6-1.7": {"has_sampling_hook": False, "infotext_callables": False, "callbacks_name_the_denoiser": False},
+    "1.8": {"has_sampling_hook": False, "infotext_callables": False, "callbacks_take_names": False},
+    "1.6-1.7": {"has_sampling_hook": False, "infotext_callables": False, "callbacks_take_names": False,
+                "callbacks_name_the_denoiser": False},
 }
 
 
@@ -370,7 +371,7 @@ def test_a_webui_before_1_9_gets_each_images_own_texts_as_plain_values(sd_model)
     webui.install(sd_model)
     try:
         _, new = run(sd_model, webui.load_script().MemSafeScript(), args, batch_size=2, n_iter=2)
-        host = webui.install(sd_model, has_sampling_hook=False, infotext_callables=False)
+        host = webui.install(sd_model, **OLDER_HOSTS["1.8"])
         assert not a1111.infotext_calls_values()
         p = make_p(sd_model, webui.load_script().MemSafeScript(), args, batch_size=2, n_iter=2)
         sample, made_while_sampling = p.sample, []

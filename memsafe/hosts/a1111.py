@@ -19,6 +19,7 @@ api.py L468). Host modules are imported inside functions only.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 from collections import OrderedDict
@@ -381,9 +382,12 @@ class Job:
             return
         from modules import script_callbacks
 
-        script_callbacks.on_cfg_denoiser(self._on_cfg_denoiser, name="memsafe_job")
-        script_callbacks.on_cfg_denoised(self._on_cfg_denoised, name="memsafe_job")
-        self._callbacks = [self._on_cfg_denoiser, self._on_cfg_denoised]
+        for register, fn in ((script_callbacks.on_cfg_denoiser, self._on_cfg_denoiser),
+                             (script_callbacks.on_cfg_denoised, self._on_cfg_denoised)):
+            # a name shows in Settings > Callbacks from A1111 1.9 on; before, register(callback) takes no other
+            named = "name" in inspect.signature(register).parameters
+            register(fn, name="memsafe_job") if named else register(fn)
+            self._callbacks.append(fn)
 
     def remove_callbacks(self) -> None:
         if not self._callbacks:
