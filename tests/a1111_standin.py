@@ -311,9 +311,12 @@ class StandInDDIMSampler:
     """CompVisSampler (sd_samplers_timesteps.py L76-167) with the ddim loop of sd_samplers_timesteps_impl.py
     (eta 0): timesteps = range(0, 1000, 1000 // steps) + 1, visited from the last."""
 
+    sets_model_wrap = True  # v1.8.0 L83; before, only the CFG denoiser holds the model (v1.6.0 L66-82); install()
+
     def __init__(self, sd_model):
         self.model_wrap_cfg = StandInCFGDenoiser(self, StandInTimestepsDenoiser(sd_model))
-        self.model_wrap = self.model_wrap_cfg.inner_model
+        if self.sets_model_wrap:
+            self.model_wrap = self.model_wrap_cfg.inner_model
         self.started_from = None
 
     def get_timesteps(self, p, steps):  # L92-101
@@ -323,7 +326,7 @@ class StandInDDIMSampler:
         timesteps = self.get_timesteps(p, steps or p.steps)
         self.started_from = x.clone()
         self.model_wrap_cfg.p, self.model_wrap_cfg.step = p, 0
-        alphas = self.model_wrap.inner_model.alphas_cumprod
+        alphas = self.model_wrap_cfg.inner_model.inner_model.alphas_cumprod
         a = alphas[timesteps]
         a_prev = alphas[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
         s_in = x.new_ones(x.shape[0])
@@ -535,12 +538,14 @@ class Opts(types.SimpleNamespace):  # shared.opts: the options MemSafe reads (sh
 
 
 def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, callbacks_take_names=True,
-            callbacks_name_the_denoiser=True, **opts):
+            callbacks_name_the_denoiser=True, timesteps_samplers_set_model_wrap=True, **opts):
     """Put a fresh ``modules`` package into sys.modules; returns it. ``has_sampling_hook=False``: A1111 1.6-1.9;
     with ``infotext_callables=False, callbacks_take_names=False`` too: 1.6-1.8 (no per-image infotext values,
     ``on_cfg_denoiser(callback)`` without ``name=``); with ``callbacks_name_the_denoiser=False`` too: 1.6-1.7 (the
-    cfg_denoiser callback does not say whose call it is)."""
+    cfg_denoiser callback does not say whose call it is; with ``timesteps_samplers_set_model_wrap=False``, DDIM and
+    the like have no ``sampler.model_wrap``)."""
     uninstall()
+    StandInDDIMSampler.sets_model_wrap = timesteps_samplers_set_model_wrap
     modules = types.ModuleType("modules")
     modules.__path__ = []
     shared = types.ModuleType("modules.shared")

@@ -213,7 +213,7 @@ OLDER_HOSTS = {  # what A1111 before 1.10 lacks, as the stand-in's switches
     "1.9": {"has_sampling_hook": False},
     "1.8": {"has_sampling_hook": False, "infotext_callables": False, "callbacks_take_names": False},
     "1.6-1.7": {"has_sampling_hook": False, "infotext_callables": False, "callbacks_take_names": False,
-                "callbacks_name_the_denoiser": False},
+                "callbacks_name_the_denoiser": False, "timesteps_samplers_set_model_wrap": False},
 }
 
 

@@ -631,6 +631,14 @@ class BatchGuidance:
     owner: Tensor
 
 
+def sampler_model(sampler: Any) -> Any:
+    """The model a sampler's CFG denoiser calls (k-diffusion's CompVisDenoiser, or CompVisTimestepsDenoiser):
+    ``sampler.model_wrap``, which the timesteps samplers (DDIM, PLMS, UniPC) of A1111 1.6-1.7 do not set; there the
+    CFG denoiser's ``inner_model`` makes and holds it (v1.7.0 sd_samplers_timesteps.py L66-82), the same object."""
+    model = getattr(sampler, "model_wrap", None)
+    return model if model is not None else sampler.model_wrap_cfg.inner_model
+
+
 def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
     """eps_tilde at the first-pass sampler's first noise level with the step-0 conditioning, as its CFG denoiser
     will evaluate it (sd_samplers_kdiffusion.py L187-236, sd_samplers_timesteps.py L141-167)."""
@@ -651,7 +659,7 @@ def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
         sigmas = sampler.get_sigmas(p, p.steps).float()
         sigma0 = float(sigmas[0])
         sgm = bool(getattr(shared.opts, "sgm_noise_multiplier", False))
-        guidance = guidance_from_denoiser(sampler.model_wrap, sigma0, cond_kwargs, uncond_kwargs,
+        guidance = guidance_from_denoiser(sampler_model(sampler), sigma0, cond_kwargs, uncond_kwargs,
                                           sgm_noise_multiplier=sgm, cond_image=owner, cond_weight=weight,
                                           batched=batched, guidance_scale=p.cfg_scale)
         return BatchGuidance(guidance, rows, sigmas, sigma0, True, ("k", sigma0, sgm), cond_tensor, uncond_tensor,
@@ -659,7 +667,7 @@ def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
     timesteps = sampler.get_timesteps(p, p.steps)
     first_used = timesteps.flip(0).float().cpu()
     t0 = float(first_used[0])
-    guidance = guidance_from_eps_model(sampler.model_wrap, t0, cond_kwargs, uncond_kwargs, cond_image=owner,
+    guidance = guidance_from_eps_model(sampler_model(sampler), t0, cond_kwargs, uncond_kwargs, cond_image=owner,
                                        cond_weight=weight, batched=batched, guidance_scale=p.cfg_scale)
     return BatchGuidance(guidance, rows, first_used, t0, False, ("t", t0), cond_tensor, uncond_tensor, image_cond,
                          owner)
