@@ -6,6 +6,7 @@ state). Host modules are imported inside the functions.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from secrets import compare_digest
@@ -187,6 +188,9 @@ def score_risk(body: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(sorted(unknown)[0], f"unknown field; allowed: prompt, seeds, memsafe, {', '.join(sorted(allowed))}")
     args = {k: body[k] for k in allowed if k in body}
+    unsupported = sorted(set(args) - set(inspect.signature(processing.StableDiffusionProcessingTxt2Img).parameters))
+    if unsupported:  # scheduler: A1111 1.9 added it
+        raise ConfigError(unsupported[0], "this WebUI's txt2img has no such field (A1111 1.9 added scheduler)")
     scores: list[float] = []
     result: dict[str, Any] = {}
 
