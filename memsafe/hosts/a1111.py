@@ -163,7 +163,8 @@ def ldm_checkpointing_off(unet: torch.nn.Module | None) -> Iterator[None]:
     backward differentiates each block's weights as well, which fails once MemSafe has frozen them ("One of the
     differentiated Tensors does not require grad"), and it would recompute every block whatever MemSafe's
     checkpointing setting says. The forward pass computes the same numbers either way (ldm diffusionmodules/util.py
-    ``checkpoint``: the block's function, under no_grad when on)."""
+    ``checkpoint``: the block's function, under no_grad when on). ldm's AttentionBlock ignores its flag (always
+    checkpointed); SD1, SD2 and SDXL's UNets have none (they use SpatialTransformer)."""
     switched = []
     for module in unet.modules() if unet is not None else ():
         for flag in LDM_CHECKPOINT_FLAGS:
