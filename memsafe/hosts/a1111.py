@@ -386,8 +386,10 @@ class Job:
         for register, fn in ((script_callbacks.on_cfg_denoiser, self._on_cfg_denoiser),
                              (script_callbacks.on_cfg_denoised, self._on_cfg_denoised)):
             # a name shows in Settings > Callbacks from A1111 1.9 on; before, register(callback) takes no other
-            named = "name" in inspect.signature(register).parameters
-            register(fn, name="memsafe_job") if named else register(fn)
+            if "name" in inspect.signature(register).parameters:
+                register(fn, name="memsafe_job")
+            else:
+                register(fn)
             self._callbacks.append(fn)
 
     def remove_callbacks(self) -> None:
