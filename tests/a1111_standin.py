@@ -579,6 +579,7 @@ def install(sd_model, *, has_sampling_hook=True, infotext_callables=True, callba
 
 
 def uninstall():
+    StandInDDIMSampler.sets_model_wrap = True
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
         del sys.modules[name]
     sys.modules.pop("memsafe_script_under_test", None)
