@@ -14,6 +14,7 @@ from modules import processing, script_callbacks, scripts, shared  # noqa: E402
 from memsafe.config import PRESETS, MitigationConfig  # noqa: E402
 from memsafe.errors import ConfigError  # noqa: E402
 from memsafe.hosts import a1111, a1111_app  # noqa: E402
+from memsafe.hosts.forge import FORGE_GRADIENT  # noqa: E402
 from memsafe.hosts.webui_args import FIELD_ORDER, PRESET_CHOICES, PRESET_FREE, UI_METHODS  # noqa: E402
 
 COSTS = {
@@ -38,6 +39,9 @@ FIELD_LABELS = {
     "fd_radius": ("Finite-difference probe distance (per-sample, forward-only gradient)", 0.01, 50.0, 0.01),
     "max_step": ("Largest Polyak step (per-sample, RMS per element)", 0.001, 1.0, 0.001),
 }
+FORGE_PER_SAMPLE_COST = ("Per-sample (Forge: forward-only gradient, no backprop): two UNet passes per step until "
+                         "each image reaches its target, no extra VRAM; weaker prompt alignment than backprop "
+                         "(see the README).")
 MAIN_FIELDS = ("target", "risk_threshold")
 
 
@@ -116,7 +120,8 @@ class MemSafeScript(scripts.Script):
                                   elem_id=self.elem_id("method"))
                 preset = gr.Dropdown(list(PRESET_CHOICES), value="auto", label="Preset (auto: by model)",
                                      elem_id=self.elem_id("preset"))
-            cost = gr.HTML(f"<p>{COSTS[default_method]}</p>")
+            costs = {**COSTS, "per_sample": FORGE_PER_SAMPLE_COST} if a1111.is_forge() else COSTS
+            cost = gr.HTML(f"<p>{costs[default_method]}</p>")
             gr.HTML("<p>The values below apply with preset <b>custom</b>; a preset fills them in.</p>")
             fields = {}
             with gr.Row():
@@ -137,10 +142,16 @@ class MemSafeScript(scripts.Script):
                 fields["scale_with_size"] = gr.Checkbox(defaults["scale_with_size"], interactive=False,
                                                         label="Scale rho, target and threshold with image size",
                                                         elem_id=self.elem_id("scale_with_size"))
-                fields["gradient"] = gr.Radio(["autograd", "finite_difference"], value=defaults["gradient"],
-                                              label="Per-sample gradient (finite_difference: no backprop, "
-                                                    "much less VRAM)", interactive=True,
-                                              elem_id=self.elem_id("gradient"))
+                if a1111.is_forge():  # its UNet weights are inference tensors: no backward pass (forge.py)
+                    fields["gradient"] = gr.Radio([FORGE_GRADIENT], value=FORGE_GRADIENT,
+                                                  label="Per-sample gradient (Forge: finite_difference only, no "
+                                                        "backprop through its UNet)", interactive=False,
+                                                  elem_id=self.elem_id("gradient"))
+                else:
+                    fields["gradient"] = gr.Radio(["autograd", "finite_difference"], value=defaults["gradient"],
+                                                  label="Per-sample gradient (finite_difference: no backprop, "
+                                                        "much less VRAM)", interactive=True,
+                                                  elem_id=self.elem_id("gradient"))
                 fields["optimizer"] = gr.Radio(["adamw", "polyak"], value=defaults["optimizer"],
                                                label="Per-sample step (polyak, the default: step length from the "
                                                      "target, a few iterations; adamw: the paper's optimizer)", interactive=True,
@@ -157,7 +168,7 @@ class MemSafeScript(scripts.Script):
                     for name, v in zip(FIELD_ORDER, values)]
 
         preset.change(on_preset, inputs=[preset], outputs=ordered, show_progress=False)
-        method.change(lambda m: f"<p>{COSTS.get(m, '')}</p>", inputs=[method], outputs=[cost], show_progress=False)
+        method.change(lambda m: f"<p>{costs.get(m, '')}</p>", inputs=[method], outputs=[cost], show_progress=False)
         components = [enabled, method, preset, *ordered]
         names = ["enabled", "method", "preset", *FIELD_ORDER]
         self.infotext_fields = [(component, _from_infotext(name)) for component, name in zip(components, names)]

@@ -466,13 +466,16 @@ def process_images(p):
     if p.scripts is not None:
         p.scripts.process(p)
     images, infotexts = [], []
-    with torch.no_grad():
+    forge = getattr(p, "forge", False)  # Forge: the job under inference_mode, forge_objects reset per batch
+    with torch.inference_mode() if forge else torch.no_grad():  # Forge processing.py L911
         for n in range(p.n_iter):
             p.iteration = n
             if shared.state.skipped:
                 shared.state.skipped = False
             if shared.state.interrupted:
                 break
+            if forge:  # Forge processing.py L937
+                p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
             p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
             p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
             p.rng = StandInImageRNG((4, p.height // 8, p.width // 8), p.seeds)

@@ -127,6 +127,22 @@ def test_requests_memsafe_cannot_serve_are_refused(path, body, field):
     assert sent[0]["status"] == 422 and json.loads(sent[1]["body"])["field"] == field
 
 
+@pytest.mark.parametrize(("memsafe", "refused"), [
+    ({"enabled": True, "method": "per_sample", "gradient": "autograd"}, True),
+    ({"enabled": True, "method": "auto", "gradient": "autograd"}, True),
+    ({"enabled": True, "method": "per_sample"}, False),  # forward-only there unless chosen
+    ({"enabled": True, "method": "batch_wise", "gradient": "autograd"}, False),  # batch-wise never backprops
+])
+def test_on_forge_a_per_sample_autograd_request_is_refused_naming_gradient(memsafe, refused):
+    body = {"alwayson_scripts": {"memsafe": {"args": [memsafe]}}}
+    sent = call(api_guard.MemSafeApiGuard(Downstream(), forge=True), "/sdapi/v1/txt2img", body)
+    assert (sent[0]["status"] == 422) == refused
+    if refused:
+        error = json.loads(sent[1]["body"])
+        assert error["field"] == "gradient" and "'finite_difference'" in error["detail"]
+    assert call(api_guard.MemSafeApiGuard(Downstream()), "/sdapi/v1/txt2img", body)[0]["status"] == 200  # A1111
+
+
 @pytest.mark.parametrize("body", [
     {"prompt": "x"},
     {"prompt": "x", "alwayson_scripts": {"memsafe": {"args": [False, "whatever"]}}},
@@ -151,10 +167,10 @@ def test_install_adds_the_middleware_once():
         def __init__(self):
             self.user_middleware, self.middleware_stack = [], object()
 
-        def add_middleware(self, cls):
+        def add_middleware(self, cls, **options):  # Starlette's add_middleware(cls, *args, **kwargs)
             assert self.middleware_stack is None  # Starlette refuses once the stack is built
-            self.user_middleware.insert(0, type("Middleware", (), {"cls": cls})())
+            self.user_middleware.insert(0, type("Middleware", (), {"cls": cls, "kwargs": options})())
 
     app = App()
-    assert api_guard.install(app) and not api_guard.install(app)
-    assert len(app.user_middleware) == 1
+    assert api_guard.install(app, forge=True) and not api_guard.install(app)
+    assert len(app.user_middleware) == 1 and app.user_middleware[0].kwargs == {"forge": True}

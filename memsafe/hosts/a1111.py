@@ -25,7 +25,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ from .. import methods
 from ..config import MitigationConfig
 from ..errors import ConfigError, Interrupted, NotApplicableError
 from ..guidance import DenoiserCall, Guidance, guidance_from_denoiser, guidance_from_eps_model, select_rows
+from . import forge
+from .forge import is_forge
 from .webui_args import FIELD_ORDER, ScriptRequest, parse_script_args
 
 log = logging.getLogger("memsafe")
@@ -182,22 +184,15 @@ def ldm_checkpointing_off(unet: torch.nn.Module | None) -> Iterator[None]:
 
 # -- model family ------------------------------------------------------------------------------------------------
 def model_family(sd_model: Any) -> str:
-    """The preset family of a loaded A1111 model: sdxl, sd2-v, sd2 or sd1 (sd_models.py L380-395 flags)."""
+    """The preset family of a loaded model: sdxl, sd2-v, sd2 or sd1 (A1111's sd_models.py L380-395 flags, which
+    Forge's diffusion engines set too; Forge says v-prediction through its UNet's predictor)."""
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
     if getattr(sd_model, "is_sd2", False):
-        return "sd2-v" if getattr(sd_model, "parameterization", "eps") == "v" else "sd2"
+        v = (getattr(sd_model, "parameterization", "eps") == "v"
+             or (hasattr(sd_model, "forge_objects") and forge.prediction_type(sd_model) == "v_prediction"))
+        return "sd2-v" if v else "sd2"
     return "sd1"
-
-
-def is_forge() -> bool:
-    """Forge and reForge replace the noise through ``p.modified_noise`` and run under inference_mode; memsafe's
-    hooks here are for A1111 and would silently do nothing there."""
-    try:
-        import modules_forge  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- the noise cache ---------------------------------------------------------------------------------------------
@@ -362,6 +357,7 @@ class Job:
         self.sampling: SamplingContext | None = None
         self.infotext_callables = True  # infotext_calls_values() of this WebUI, set when attached to p
         self._callbacks: list[Callable[..., None]] = []
+        self._cleanups: list[Callable[[], None]] = []  # Forge: put the job's UnetPatcher back
 
     # infotext values (create_infotext calls them with its locals: p, index, all_seeds, ...; processing.py L801-808)
     def result_text(self, index: int = 0, **infotext_locals: Any) -> str | None:
@@ -453,6 +449,34 @@ class Job:
                     for row, _ in ctx.rows[i]:
                         x_out[row] = uncond_rows[i]
 
+    def add_cleanup(self, cleanup: Callable[[], None]) -> None:
+        self._cleanups.append(cleanup)
+
+    def forge_post_cfg(self, args: dict[str, Any]) -> Tensor:
+        """Forge's post-CFG function for this batch's sampler (forge.install_post_cfg; Forge never calls the
+        cfg_denoised callbacks): at the first step, the risk at the adjusted noise from its cond and uncond
+        predictions (``eps_c - eps_u = (D_u - D_c) / sigma``; Forge's ``cond_denoised`` is the weighted mean of an
+        image's AND parts, so times their total weight, as its CFG combine does, sampling_function.py L309-312);
+        during the unconditional-only first steps, the uncond prediction of the affected images."""
+        denoised = args["denoised"]
+        ctx = self.sampling
+        if ctx is None:
+            return denoised
+        ctx.level = float(args["sigma"][0])
+        _classify_call(ctx, True)  # only this batch's first-pass sampler has the function (forge.py)
+        uncond, cond = args["uncond_denoised"], args["cond_denoised"]
+        if ctx.first and ctx.measure:
+            for i, global_index in enumerate(ctx.measure):
+                if global_index in self.records:
+                    weight = sum(w for _, w in ctx.rows[i])
+                    risk = ((uncond[i] - cond[i]).float() * (weight / ctx.level)).norm()
+                    self.records[global_index].risk_after = float(risk)
+            ctx.first = False
+        if ctx.early:
+            mask = ctx.uncond_images.to(denoised.device).view(-1, *([1] * (denoised.dim() - 1)))
+            denoised = torch.where(mask, uncond.to(denoised.dtype), denoised)
+        return denoised
+
     def set_sampling(self, ctx: SamplingContext | None) -> None:
         """The next batch's sampling context; the last one's stand-in model (if its sampler never called it,
         e.g. after an interrupt) is taken out first."""
@@ -463,6 +487,8 @@ class Job:
     def finish(self) -> None:
         self.remove_callbacks()
         self.set_sampling(None)
+        while self._cleanups:
+            self._cleanups.pop()()
 
 
 def _classify_call(ctx: SamplingContext, ours: bool) -> None:
@@ -527,7 +553,8 @@ def request_from(p: Any, args: Sequence[Any]) -> ScriptRequest:
 
 def _check_applicable(p: Any, config: MitigationConfig) -> None:
     if is_forge():
-        raise NotApplicableError("memsafe: Forge/reForge is not supported yet (A1111 WebUI 1.6-1.10 only)")
+        forge.check_model(p.sd_model)
+        forge.check_config(config)
     if not getattr(p, "cfg_scale", 7.0) > 1.0:
         raise NotApplicableError(
             f"memsafe: CFG scale {p.cfg_scale}: MemSafe needs classifier-free guidance (CFG scale > 1); raise it "
@@ -557,6 +584,9 @@ def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
     try:
         cache.resize(cache_size())
         check_settings()
+        if is_forge() and request.method != "batch_wise":  # per-sample's gradient: forward-only unless chosen
+            request = replace(request, overrides=forge.with_forge_gradient(dict(request.overrides)))
+            job.request = request
         job.config = request.resolve(family)
         _check_applicable(p, job.config)
     except (ConfigError, NotApplicableError) as e:
@@ -644,7 +674,7 @@ def sampler_model(sampler: Any) -> Any:
 
 def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
     """eps_tilde at the first-pass sampler's first noise level with the step-0 conditioning, as its CFG denoiser
-    will evaluate it (sd_samplers_kdiffusion.py L187-236, sd_samplers_timesteps.py L141-167)."""
+    will evaluate it (sd_samplers_kdiffusion.py L187-236, sd_samplers_timesteps.py L141-167; Forge: forge.py)."""
     from modules import prompt_parser, shared
 
     sampler = p.sampler
@@ -655,9 +685,19 @@ def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
     weight = torch.tensor([w for conds in conds_list for _, w in conds], dtype=torch.float32)
     rows = [[(r, w) for r, w in conds] for conds in conds_list]
     image_cond = p.txt2img_image_conditioning(x)
-    cond_kwargs = {"cond": _make_condition_dict(sd_model, cond_tensor, image_cond.index_select(0, owner.to(image_cond.device)), False)}
-    uncond_kwargs = {"cond": _make_condition_dict(sd_model, uncond_tensor, image_cond, True)}
+    cond_image_cond = image_cond.index_select(0, owner.to(image_cond.device))
     batched = bool(getattr(shared.opts, "batch_cond_uncond", True))
+    if is_forge():  # every Forge sampler's CFG denoiser calls a denoiser D(x, sigma) (forge.py)
+        sigma0, sgm, levels = forge.levels(p)
+        guidance = guidance_from_denoiser(forge.ForgeDenoiser(forge.prepare_unet(p, x)), sigma0,
+                                          forge.denoiser_kwargs(cond_tensor, cond_image_cond, False),
+                                          forge.denoiser_kwargs(uncond_tensor, image_cond, True),
+                                          sgm_noise_multiplier=sgm, cond_image=owner, cond_weight=weight,
+                                          batched=batched, guidance_scale=p.cfg_scale)
+        return BatchGuidance(guidance, rows, levels, sigma0, True, ("forge", sigma0, sgm), cond_tensor,
+                             uncond_tensor, image_cond, owner)
+    cond_kwargs = {"cond": _make_condition_dict(sd_model, cond_tensor, cond_image_cond, False)}
+    uncond_kwargs = {"cond": _make_condition_dict(sd_model, uncond_tensor, image_cond, True)}
     if hasattr(sampler, "get_sigmas"):
         sigmas = sampler.get_sigmas(p, p.steps).float()
         sigma0 = float(sigmas[0])
@@ -733,7 +773,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
     if misses:
         index = torch.tensor(misses)
         sub = bg.guidance if len(misses) == batch else bg.guidance.select(index)
-        unet = unet_of(p.sd_model)
+        unet = None if is_forge() else unet_of(p.sd_model)  # Forge: forward-only, nothing to freeze or recompute
         mode = checkpointing_setting() if unet is not None else "on_oom"  # on_oom without a model: halving only
         budget = memory_budget() if mode in ("budget", "on_oom") else None
         with ldm_checkpointing_off(unet):
@@ -768,14 +808,18 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
             denoiser=p.sampler.model_wrap_cfg, schedule=bg.schedule, uncond_steps=job.config.uncond_steps,
             uncond_images=uncond_images, rows=bg.rows, k_diffusion=bg.k_diffusion, first_level=bg.first_level,
             measure=[offset + i if i in measure_from_sampler else -1 for i in range(batch)], reuse=reuse))
-        job.install_callbacks()
+        if is_forge():  # Forge never calls cfg_denoised callbacks
+            job.add_cleanup(forge.install_post_cfg(p, job.forge_post_cfg))
+        else:
+            job.install_callbacks()
     else:
         job.set_sampling(None)
     return z_new
 
 
 def before_sampling(p: Any, noise: Tensor, c: Any, uc: Any) -> None:
-    """``Script.process_before_every_sampling`` (A1111 >= 1.10): adjust ``noise`` in place, first pass only."""
+    """``Script.process_before_every_sampling`` (A1111 >= 1.10, Forge): adjust ``noise`` in place (Forge: set
+    ``p.modified_noise``), first pass only."""
     job = getattr(p, JOB_ATTR, None)
     if job is None or getattr(p, "is_hr_pass", False):
         return
@@ -785,7 +829,11 @@ def before_sampling(p: Any, noise: Tensor, c: Any, uc: Any) -> None:
     if job.skipped_reason is not None:
         return
     try:
-        noise.copy_(mitigate_batch(p, job, noise, c, uc))
+        if is_forge():  # the sampler starts from p.modified_noise if set (a script before MemSafe may have set it)
+            chosen = getattr(p, "modified_noise", None)
+            p.modified_noise = mitigate_batch(p, job, noise if chosen is None else chosen, c, uc)
+        else:
+            noise.copy_(mitigate_batch(p, job, noise, c, uc))
     except Interrupted:
         _record_interrupted(p, job, noise.shape[0])
     except Exception as e:  # noqa: BLE001 - every failure must fail closed, not crash the WebUI

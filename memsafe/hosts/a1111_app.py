@@ -233,7 +233,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
     """Install the API guard and the routes ``GET /memsafe/v1/info`` and ``POST /memsafe/v1/risk``."""
     from fastapi import HTTPException
 
-    api_guard.install(app)
+    api_guard.install(app, forge=a1111.is_forge())
     deps = _auth_dependencies()
 
     def risk_route(body: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigError
+from . import forge as forge_host
 from .webui_args import parse_script_args
 
 Scope = MutableMapping[str, Any]
@@ -41,8 +43,9 @@ def find_script_args(body: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def check_request(path: str, body: Any) -> dict[str, Any] | None:
-    """The error to answer for this request body, or None when it may go on."""
+def check_request(path: str, body: Any, forge: bool = False) -> dict[str, Any] | None:
+    """The error to answer for this request body, or None when it may go on (``forge``: the WebUI is Forge,
+    where per-sample's gradient can only be forward-only)."""
     present, entry = find_script_args(body)
     if not present:
         return None
@@ -71,6 +74,12 @@ def check_request(path: str, body: Any) -> dict[str, Any] | None:
         return _error(
             "uncond_steps", f"memsafe: uncond_steps: got {explicit} with steps={steps}; allowed: fewer than steps"
         )
+    if forge and request.method != "batch_wise":  # as start_job resolves it there (a1111.py)
+        overrides = forge_host.with_forge_gradient(dict(request.overrides))
+        try:
+            forge_host.check_config(replace(request, overrides=overrides).resolve("sd1"))
+        except ConfigError as e:
+            return _error(e.field, str(e))
     return None
 
 
@@ -81,8 +90,8 @@ def _error(field: str, detail: str) -> dict[str, Any]:
 class MemSafeApiGuard:
     """ASGI middleware; see the module docstring."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, forge: bool = False) -> None:
+        self.app, self.forge = app, forge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -103,7 +112,7 @@ class MemSafeApiGuard:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None  # not JSON: the WebUI answers that itself
-        error = check_request(path, body)
+        error = check_request(path, body, self.forge)
         if error is not None:
             payload = json.dumps(error).encode()
             await send({"type": "http.response.start", "status": 422,
@@ -131,11 +140,11 @@ def _replay(body: bytes, receive: Receive, pending: Message | None = None) -> Re
     return replay
 
 
-def install(app: Any) -> bool:
+def install(app: Any, forge: bool = False) -> bool:
     """Add the guard to a Starlette/FastAPI app the way the WebUI adds its own middleware (reset the stack, add,
     let it be rebuilt on the next request). Returns False if it was already installed."""
     if any(getattr(m, "cls", None) is MemSafeApiGuard for m in getattr(app, "user_middleware", [])):
         return False
     app.middleware_stack = None
-    app.add_middleware(MemSafeApiGuard)
+    app.add_middleware(MemSafeApiGuard, forge=forge)
     return True
