@@ -41,8 +41,10 @@ def script(host):
     return webui.load_script().MemSafeScript()
 
 
-def make_p(sd_model, script, args, **kw):
-    p = webui.StandInTxt2Img(sd_model, **kw)
+def make_p(sd_model, script, args, processing=webui.StandInTxt2Img, **kw):
+    """A txt2img job (``processing``: A1111's, or Forge's from tests/forge_standin.py) with MemSafe's ``args``;
+    ``p.samplers`` records the samplers it creates."""
+    p = processing(sd_model, **kw)
     p.scripts = webui.ScriptRunner(script, has_sampling_hook=hasattr(
         webui.sys.modules["modules.scripts"].Script, "process_before_every_sampling"))
     p.script_args = tuple(args)

@@ -14,7 +14,7 @@ import memsafe
 from memsafe import adjust_noise, guidance_from_denoiser
 from memsafe.hosts import a1111, forge
 from memsafe.hosts.webui_args import parse_script_args
-from test_a1111 import first_pass_noise, on, reference_guidance
+from test_a1111 import first_pass_noise, make_p, on, reference_guidance
 
 
 @pytest.fixture()
@@ -35,18 +35,7 @@ def script(host):
 
 
 def run(sd_model, script, args, **kw):
-    p = forge_webui.ForgeTxt2Img(sd_model, **kw)
-    p.scripts = webui.ScriptRunner(script)
-    p.script_args = tuple(args)
-    samplers = []
-    create = p.create_sampler
-
-    def recording():
-        samplers.append(create())
-        return samplers[-1]
-
-    p.create_sampler = recording
-    p.samplers = samplers
+    p = make_p(sd_model, script, args, processing=forge_webui.ForgeTxt2Img, **kw)
     return p, webui.run_job(p)
 
 
@@ -216,3 +205,12 @@ def test_the_ui_offers_forge_only_the_forward_only_gradient(sd_model, on_forge):
         assert ("Forge: forward-only gradient" in change.args[0]("per_sample")) == on_forge
     finally:
         forge_webui.uninstall()
+
+
+def test_the_info_route_names_the_host(host):
+    from memsafe.hosts import a1111_app
+
+    assert a1111_app.info()["host"] == "forge"
+    forge_webui.uninstall()
+    webui.install(webui.StandInSDModel(torch.nn.Identity()))
+    assert a1111_app.info()["host"] == "a1111"

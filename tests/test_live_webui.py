@@ -100,9 +100,17 @@ def test_auto_adjusts_above_its_threshold_and_leaves_the_images_below_it_as_they
     assert all(r.startswith("none ") for r in per_image_results(info, 2)) and left == plain
 
 
+def webui_host() -> str:
+    """"a1111" or "forge", as MemSafe's info route says."""
+    with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
+        return json.loads(response.read())["host"]
+
+
 def test_hires_fix_keeps_working():
+    # Forge's API leaves hr_additional_modules None unless given, and its hires pass then fails (processing.py L1405)
+    forge = {"hr_additional_modules": ["Use same choices"]} if webui_host() == "forge" else {}
     images, info = generated({"enabled": True, "method": "batch_wise"}, batch_size=1, enable_hr=True, hr_scale=1.5,
-                             hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=3)
+                             hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=3, **forge)
     assert len(images) == 1 and per_image_results(info, 1)[0].startswith("batch_wise")
 
 
@@ -122,6 +130,18 @@ def test_info_and_risk_routes():
     assert info["version"] and info["arg_order"][0] == "enabled"
     status, risk = post("/memsafe/v1/risk", {"prompt": "a red circle", "seeds": [1, 2], "width": 128, "height": 128})
     assert status == 200 and len(risk["risk"]) == 2 and len(risk["at_risk"]) == 2
+
+
+def test_per_sample_gradient_as_the_host_allows():
+    """Forge's UNet weights are inference tensors: per-sample is forward-only there, and autograd is refused."""
+    host = webui_host()
+    status, response = txt2img(custom("per_sample", gradient="autograd", target=0.0, max_iterations=1), batch_size=1)
+    if host == "forge":
+        assert status == 422 and response["field"] == "gradient", response
+        _, info = generated(custom("per_sample", target=0.0, max_iterations=1), batch_size=1)
+        assert "gradient=finite_difference" in info["infotexts"][0]
+    else:
+        assert host == "a1111" and status == 200, response
 
 
 def test_interrupt_stops_the_optimizer():

@@ -11,6 +11,10 @@ Facts about the host (file:line in A1111 v1.10.1) are in docs; the essentials:
   denoiser object, ``cfg_denoised`` callbacks see ``x_out`` before the CFG combine (edited in place: the
   unconditional-only first steps of the batch-wise method).
 
+Forge (WebUI Forge ``main``, an A1111 1.10 fork with its own backend) runs the same code; where it differs (the
+noise through ``p.modified_noise``, its UNet call, a post-CFG function instead of the cfg_denoised callback,
+forward-only per-sample) the Forge parts are in ``forge.py``.
+
 All state of a job lives on ``p`` (attribute ``memsafe_job``); callbacks are registered per job and removed in
 ``postprocess`` and, on any error, in ``p.close()`` (called by ``with closing(p)`` in txt2img.py L79 and
 api.py L468). Host modules are imported inside functions only.

@@ -151,6 +151,7 @@ def info() -> dict[str, Any]:
     backend = getattr(ops, "backend_info", None)
     return {
         "version": __version__,
+        "host": "forge" if a1111.is_forge() else "a1111",
         "arg_order": list(ARG_NAMES),
         "methods": list(UI_METHODS),
         "presets": {name: {"family": p.family, "calibrated": p.calibrated, "source": p.source, "values": dict(p.values)}
