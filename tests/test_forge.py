@@ -179,9 +179,13 @@ def test_forge_noise_set_by_an_earlier_script_is_the_noise_adjusted(host, sd_mod
     torch.testing.assert_close(p.first_sampler.started_from / sigmas[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_forge_flow_models_are_refused_and_families_read(host, sd_model, script):
+def test_forge_flow_models_and_extra_concat_unets_are_refused_and_families_read(host, sd_model, script):
     sd_model.is_sd1 = False  # e.g. Flux: none of the SD1/SD2/SDXL flags
     with pytest.raises(a1111.MemSafeError, match="Forge model StandInSDModel is not supported"):
+        run(sd_model, script, on("batch_wise"))
+    sd_model.is_sd1 = True
+    sd_model.forge_objects_after_applying_lora.unet.extra_concat_condition = torch.zeros(1, 4, 8, 8)  # IC-Light
+    with pytest.raises(a1111.MemSafeError, match="extra concat condition"):
         run(sd_model, script, on("batch_wise"))
     predictor = types.SimpleNamespace(prediction_type="v_prediction")
     v_model = types.SimpleNamespace(is_sd2=True, forge_objects=types.SimpleNamespace(

@@ -148,14 +148,10 @@ def check_settings() -> None:
 
 def unet_of(sd_model: Any) -> torch.nn.Module | None:
     """The UNet the guidance runs (its weights are frozen while per-sample adjusts, and it may be checkpointed):
-    A1111's ``sd_model.model.diffusion_model`` (ldm DiffusionWrapper), Forge's
-    ``forge_objects.unet.model.diffusion_model``; None where it cannot be found."""
-    candidates = (
-        getattr(getattr(sd_model, "model", None), "diffusion_model", None),
-        getattr(getattr(getattr(getattr(sd_model, "forge_objects", None), "unet", None), "model", None),
-                "diffusion_model", None),
-    )
-    return next((m for m in candidates if isinstance(m, torch.nn.Module)), None)
+    A1111's ``sd_model.model.diffusion_model`` (ldm DiffusionWrapper); None where it cannot be found. Forge needs
+    none: its per-sample is forward-only."""
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    return unet if isinstance(unet, torch.nn.Module) else None
 
 
 LDM_CHECKPOINT_FLAGS = ("use_checkpoint", "checkpoint")  # ldm/sgm ResBlock, AttentionBlock / BasicTransformerBlock
