@@ -184,6 +184,12 @@ def test_forge_flow_models_and_extra_concat_unets_are_refused_and_families_read(
     with pytest.raises(a1111.MemSafeError, match="Forge model StandInSDModel is not supported"):
         run(sd_model, script, on("batch_wise"))
     sd_model.is_sd1 = True
+    backend = webui.sys.modules.pop("backend.sampling.sampling_function")  # reForge, Forge before 2.0
+    try:
+        with pytest.raises(a1111.MemSafeError, match="this Forge has no backend.sampling"):
+            run(sd_model, script, on("batch_wise"))
+    finally:
+        webui.sys.modules["backend.sampling.sampling_function"] = backend
     sd_model.forge_objects_after_applying_lora.unet.extra_concat_condition = torch.zeros(1, 4, 8, 8)  # IC-Light
     with pytest.raises(a1111.MemSafeError, match="extra concat condition"):
         run(sd_model, script, on("batch_wise"))

@@ -47,8 +47,14 @@ def is_forge() -> bool:
 
 
 def check_model(sd_model: Any) -> None:
-    """MemSafe's presets and guidance are for the eps/v UNets of SD1, SD2 and SDXL (diffusion_engine flags);
-    Forge's flow models (SD3, Flux, Chroma) get a NotApplicableError naming the model."""
+    """A NotApplicableError unless this is Forge 2 (its ``backend`` package: reForge and Forge before 2.0 have
+    another backend) with an eps/v UNet of SD1, SD2 or SDXL (diffusion_engine flags), what MemSafe's presets and
+    guidance are for; Forge's flow models (SD3, Flux, Chroma) are named in the message."""
+    try:
+        import backend.sampling.sampling_function  # noqa: F401
+    except ImportError as e:
+        raise NotApplicableError("memsafe: this Forge has no backend.sampling (reForge, or Forge before 2.0); "
+                                 "MemSafe supports Forge 2 (main) and A1111 1.6-1.10") from e
     if not any(getattr(sd_model, flag, False) for flag in ("is_sd1", "is_sd2", "is_sdxl")):
         raise NotApplicableError(
             f"memsafe: Forge model {type(sd_model).__name__} is not supported (SD1, SD2 and SDXL only)")
