@@ -127,9 +127,13 @@ def first_step_risk(sd_model, prompt, batch_size, total_weight, noise=None):
     return eps_tilde.flatten(1).norm(dim=1)
 
 
-def test_forge_risk_before_and_after_are_the_first_steps_for_and_prompts(host, sd_model, script):
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_forge_risk_before_and_after_are_the_first_steps_for_and_prompts(host, sd_model, script, sdxl):
     """An ``AND`` prompt (Forge runs one condition per part): the risk before (the adapter's guidance) and after
-    (read by the post-CFG function from the sampler's first step) are that step's eps_c - eps_u."""
+    (read by the post-CFG function from the sampler's first step) are that step's eps_c - eps_u; with SDXL's
+    ``{"crossattn", "vector"}`` conditioning too."""
+    sd_model.is_sdxl, sd_model.is_sd1 = sdxl, not sdxl
+    assert isinstance(webui.encode("a red circle"), dict) == sdxl  # the conds the job will carry
     prompt = "a red circle AND a blue square :0.5"
     p, _ = run(sd_model, script, on("batch_wise"), prompt=prompt, batch_size=2)
     records = [p.memsafe_job.records[i] for i in range(2)]
