@@ -20,12 +20,12 @@ import a1111_standin as webui
 
 
 # -- backend/sampling/condition.py ----------------------------------------------------------------------------
-class Condition:  # L8-30: one conditioning tensor of a batch
+class Condition:  # L17-36: one conditioning tensor of a batch
     def __init__(self, cond):
         self.cond = cond
 
 
-def compile_conditions(cond):  # L106-131
+def compile_conditions(cond):  # L91-119
     if cond is None:
         return None
     if isinstance(cond, torch.Tensor):
@@ -34,7 +34,7 @@ def compile_conditions(cond):  # L106-131
              "model_conds": {"c_crossattn": Condition(cond["crossattn"]), "y": Condition(cond["vector"])}}]
 
 
-def compile_weighted_conditions(cond, weights):  # L134-155: one condition per AND part, weight = the last image's
+def compile_weighted_conditions(cond, weights):  # L122-142: one condition per AND part, weight = the last image's
     results = []
     for part in map(list, zip(*weights)):
         rows = [i for i, _ in part]
@@ -47,7 +47,7 @@ def compile_weighted_conditions(cond, weights):  # L134-155: one condition per A
 
 # -- backend/sampling/sampling_function.py ----------------------------------------------------------------------
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
-    """L168-289 reduced (no areas, masks or memory-based splitting): every condition of ``cond`` and ``uncond``
+    """L154-289 reduced (no areas, masks or memory-based splitting): every condition of ``cond`` and ``uncond``
     in one model call, each chunk weighted by its strength; ``transformer_options["cond_or_uncond"]`` says which
     chunk is which; ControlNet as ``control``; ``model_function_wrapper`` if set."""
     out = [torch.zeros_like(x_in), torch.zeros_like(x_in)]
