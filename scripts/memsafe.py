@@ -120,7 +120,8 @@ class MemSafeScript(scripts.Script):
                                   elem_id=self.elem_id("method"))
                 preset = gr.Dropdown(list(PRESET_CHOICES), value="auto", label="Preset (auto: by model)",
                                      elem_id=self.elem_id("preset"))
-            costs = {**COSTS, "per_sample": FORGE_PER_SAMPLE_COST} if a1111.is_forge() else COSTS
+            on_forge = a1111.is_forge()
+            costs = {**COSTS, "per_sample": FORGE_PER_SAMPLE_COST} if on_forge else COSTS
             cost = gr.HTML(f"<p>{costs[default_method]}</p>")
             gr.HTML("<p>The values below apply with preset <b>custom</b>; a preset fills them in.</p>")
             fields = {}
@@ -142,7 +143,7 @@ class MemSafeScript(scripts.Script):
                 fields["scale_with_size"] = gr.Checkbox(defaults["scale_with_size"], interactive=False,
                                                         label="Scale rho, target and threshold with image size",
                                                         elem_id=self.elem_id("scale_with_size"))
-                if a1111.is_forge():  # its UNet weights are inference tensors: no backward pass (forge.py)
+                if on_forge:  # its UNet weights are inference tensors: no backward pass (forge.py)
                     fields["gradient"] = gr.Radio([FORGE_GRADIENT], value=FORGE_GRADIENT,
                                                   label="Per-sample gradient (Forge: finite_difference only, no "
                                                         "backprop through its UNet)", interactive=False,

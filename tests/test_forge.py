@@ -41,9 +41,7 @@ def run(sd_model, script, args, **kw):
 
 def forge_config(method, **fields):
     """What the request resolves to on Forge: per-sample's gradient forward-only unless chosen."""
-    request = parse_script_args(on(method, **fields))
-    overrides = forge.with_forge_gradient(dict(request.overrides)) if method != "batch_wise" else request.overrides
-    return parse_script_args([{"enabled": True, "method": method, "preset": "custom", **overrides}]).resolve("sd1")
+    return forge.forge_request(parse_script_args(on(method, **fields))).resolve("sd1")
 
 
 def start_and_guidance(p, sd_model):

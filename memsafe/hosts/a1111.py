@@ -29,7 +29,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -356,6 +356,7 @@ class Job:
         self.skipped_reason: str | None = None  # fail policy "continue": why nothing was applied
         self.sampling: SamplingContext | None = None
         self.infotext_callables = True  # infotext_calls_values() of this WebUI, set when attached to p
+        self.forge = False  # is_forge(), set when attached to p
         self._callbacks: list[Callable[..., None]] = []
         self._cleanups: list[Callable[[], None]] = []  # Forge: put the job's UnetPatcher back
 
@@ -551,8 +552,8 @@ def request_from(p: Any, args: Sequence[Any]) -> ScriptRequest:
     return parse_script_args([{"enabled": True, "method": method, "preset": request.preset, **request.overrides, **xyz}])
 
 
-def _check_applicable(p: Any, config: MitigationConfig) -> None:
-    if is_forge():
+def _check_applicable(p: Any, config: MitigationConfig, on_forge: bool) -> None:
+    if on_forge:
         forge.check_model(p.sd_model)
         forge.check_config(config)
     if not getattr(p, "cfg_scale", 7.0) > 1.0:
@@ -584,11 +585,10 @@ def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
     try:
         cache.resize(cache_size())
         check_settings()
-        if is_forge() and request.method != "batch_wise":  # per-sample's gradient: forward-only unless chosen
-            request = replace(request, overrides=forge.with_forge_gradient(dict(request.overrides)))
-            job.request = request
+        if job.forge:  # per-sample's gradient: forward-only unless chosen
+            request = job.request = forge.forge_request(request)
         job.config = request.resolve(family)
-        _check_applicable(p, job.config)
+        _check_applicable(p, job.config, job.forge)
     except (ConfigError, NotApplicableError) as e:
         job_failed(p, job, e)
         return job
@@ -604,6 +604,7 @@ def start_job(p: Any, args: Sequence[Any], cache: NoiseCache) -> Job | None:
 def _attach(p: Any, job: Job) -> None:
     setattr(p, JOB_ATTR, job)
     job.infotext_callables = infotext_calls_values()
+    job.forge = is_forge()
     original_close = p.close
 
     def close(*a: Any, **k: Any) -> Any:  # runs at the end of every job, also after an exception
@@ -672,9 +673,10 @@ def sampler_model(sampler: Any) -> Any:
     return model if model is not None else sampler.model_wrap_cfg.inner_model
 
 
-def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
+def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any, on_forge: bool | None = None) -> BatchGuidance:
     """eps_tilde at the first-pass sampler's first noise level with the step-0 conditioning, as its CFG denoiser
-    will evaluate it (sd_samplers_kdiffusion.py L187-236, sd_samplers_timesteps.py L141-167; Forge: forge.py)."""
+    will evaluate it (sd_samplers_kdiffusion.py L187-236, sd_samplers_timesteps.py L141-167; Forge: forge.py).
+    ``on_forge``: whether the WebUI is Forge (None: find out)."""
     from modules import prompt_parser, shared
 
     sampler = p.sampler
@@ -687,7 +689,9 @@ def guidance_for_batch(p: Any, x: Tensor, c: Any, uc: Any) -> BatchGuidance:
     image_cond = p.txt2img_image_conditioning(x)
     cond_image_cond = image_cond.index_select(0, owner.to(image_cond.device))
     batched = bool(getattr(shared.opts, "batch_cond_uncond", True))
-    if is_forge():  # every Forge sampler's CFG denoiser calls a denoiser D(x, sigma) (forge.py)
+    if on_forge is None:
+        on_forge = is_forge()
+    if on_forge:  # every Forge sampler's CFG denoiser calls a denoiser D(x, sigma) (forge.py)
         sigma0, sgm, levels = forge.levels(p)
         guidance = guidance_from_denoiser(forge.ForgeDenoiser(forge.prepare_unet(p, x)), sigma0,
                                           forge.denoiser_kwargs(cond_tensor, cond_image_cond, False),
@@ -739,7 +743,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
     from modules import shared
 
     state = shared.state
-    bg = guidance_for_batch(p, x, c, uc)
+    bg = guidance_for_batch(p, x, c, uc, job.forge)
     batch = x.shape[0]
     offset = p.iteration * p.batch_size
     keys = [_image_key(p, job, bg, x, i) for i in range(batch)]
@@ -773,7 +777,7 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
     if misses:
         index = torch.tensor(misses)
         sub = bg.guidance if len(misses) == batch else bg.guidance.select(index)
-        unet = None if is_forge() else unet_of(p.sd_model)  # Forge: forward-only, nothing to freeze or recompute
+        unet = None if job.forge else unet_of(p.sd_model)  # Forge: forward-only, nothing to freeze or recompute
         mode = checkpointing_setting() if unet is not None else "on_oom"  # on_oom without a model: halving only
         budget = memory_budget() if mode in ("budget", "on_oom") else None
         with ldm_checkpointing_off(unet):
@@ -802,13 +806,13 @@ def mitigate_batch(p: Any, job: Job, x: Tensor, c: Any, uc: Any) -> Tensor:
             measure_from_sampler.append(i)
     # every image was last evaluated at the noise the sampler starts from (auto mode left it unchanged, per-sample
     # stopped there): that evaluation is the sampler's first model call
-    reuse = bg.guidance.call_at(z_new) if not is_forge() else None  # k-diffusion and timesteps samplers alike
+    reuse = None if job.forge else bg.guidance.call_at(z_new)  # k-diffusion and timesteps samplers alike
     if bool(uncond_images.any()) or measure_from_sampler or reuse is not None:
         job.set_sampling(SamplingContext(
             denoiser=p.sampler.model_wrap_cfg, schedule=bg.schedule, uncond_steps=job.config.uncond_steps,
             uncond_images=uncond_images, rows=bg.rows, k_diffusion=bg.k_diffusion, first_level=bg.first_level,
             measure=[offset + i if i in measure_from_sampler else -1 for i in range(batch)], reuse=reuse))
-        if is_forge():  # Forge never calls cfg_denoised callbacks
+        if job.forge:  # Forge never calls cfg_denoised callbacks
             job.add_cleanup(forge.install_post_cfg(p, job.forge_post_cfg))
         else:
             job.install_callbacks()
@@ -829,7 +833,7 @@ def before_sampling(p: Any, noise: Tensor, c: Any, uc: Any) -> None:
     if job.skipped_reason is not None:
         return
     try:
-        if is_forge():  # the sampler starts from p.modified_noise if set (a script before MemSafe may have set it)
+        if job.forge:  # the sampler starts from p.modified_noise if set (a script before MemSafe may have set it)
             chosen = getattr(p, "modified_noise", None)
             p.modified_noise = mitigate_batch(p, job, noise if chosen is None else chosen, c, uc)
         else:

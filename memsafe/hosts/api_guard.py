@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -74,10 +73,9 @@ def check_request(path: str, body: Any, forge: bool = False) -> dict[str, Any] |
         return _error(
             "uncond_steps", f"memsafe: uncond_steps: got {explicit} with steps={steps}; allowed: fewer than steps"
         )
-    if forge and request.method != "batch_wise":  # as start_job resolves it there (a1111.py)
-        overrides = forge_host.with_forge_gradient(dict(request.overrides))
+    if forge:  # as start_job resolves it there (a1111.py); gradient and method take no preset value
         try:
-            forge_host.check_config(replace(request, overrides=overrides).resolve("sd1"))
+            forge_host.check_config(forge_host.forge_request(request).resolve("sd1"))
         except ConfigError as e:
             return _error(e.field, str(e))
     return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor
 from ..config import MitigationConfig
 from ..errors import ConfigError, NotApplicableError
 from ..guidance import select_rows
+from .webui_args import ScriptRequest
 
 log = logging.getLogger("memsafe")
 
@@ -65,9 +67,12 @@ def prediction_type(sd_model: Any) -> str:
     return str(getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon"))
 
 
-def with_forge_gradient(overrides: dict[str, Any]) -> dict[str, Any]:
-    """The request's fields with per-sample's gradient set to the forward-only estimate unless chosen."""
-    return overrides if "gradient" in overrides else {**overrides, "gradient": FORGE_GRADIENT}
+def forge_request(request: ScriptRequest) -> ScriptRequest:
+    """The request as Forge serves it: per-sample's gradient (per_sample, auto) the forward-only estimate unless
+    the request chose one (which :func:`check_config` then checks)."""
+    if request.method == "batch_wise" or "gradient" in request.overrides:
+        return request
+    return replace(request, overrides={**request.overrides, "gradient": FORGE_GRADIENT})
 
 
 def check_config(config: MitigationConfig) -> None:
