@@ -1,10 +1,11 @@
-"""What one per-sample adjustment costs, in the sampler's own model calls (issue 6).
+"""What one adjustment costs, in the sampler's own model calls (issue 6).
 
     python -m bench adjust --model sd15 --latent 8 --batch 2 --steps 20 --target-ratio 0.9 --max-iterations 3
+    python -m bench adjust --model lab --batch 8 --steps 50 --method batch_wise
 
 ``bench perf`` times whole generations, whose 20-50 sampler steps carry this machine's drift (10-40% within
-minutes) into every ratio. Here one adjustment (``adjust_noise`` with a per-sample variant, as ``bench perf``
-runs it) is timed against two no-grad CFG calls of the whole batch made just before it (the sampler's call at
+minutes) into every ratio. Here one adjustment (``adjust_noise`` with a per-sample variant or the batch-wise
+method, as ``bench perf`` runs it) is timed against two no-grad CFG calls of the whole batch made just before it (the sampler's call at
 its first noise level), interleaved over repeats, so the drift between them is seconds, not minutes. It prints
 the adjustment's iterations, its whole-UNet calls (without autograd / under autograd / backward passes,
 ``bench.perf.UNetCalls``), whether the sampler's first call is then taken from the last check (as
@@ -37,11 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=positive, default=2)
     p.add_argument("--repeats", type=positive, default=4)
     p.add_argument("--method", default="per_sample_polyak",
-                   help=f"a per-sample variant of bench perf: {perf.PER_SAMPLE_FORMS}")
+                   help=f"batch_wise or a per-sample variant of bench perf: {perf.PER_SAMPLE_FORMS}")
     perf.add_per_sample_arguments(p)
     args = p.parse_args(argv)
-    if perf.PER_SAMPLE_VARIANT.fullmatch(args.method) is None:
-        p.error(f"--method {args.method!r}: allowed are the per-sample variants {perf.PER_SAMPLE_FORMS}")
+    if args.method != "batch_wise" and perf.PER_SAMPLE_VARIANT.fullmatch(args.method) is None:
+        p.error(f"--method {args.method!r}: allowed are batch_wise and the per-sample variants "
+                f"{perf.PER_SAMPLE_FORMS}")
     return args
 
 
@@ -67,11 +69,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     denoiser = subject.denoiser
     sigmas = denoiser.get_sigmas(args.steps).to(subject.device)
     sigma0 = float(sigmas[0])
-    variant, options = perf.per_sample_variant(args.method, config)
+    if args.method == "batch_wise":  # as bench perf runs it: the preset's iterations, no risk measured after
+        variant, options = config.replace(method="batch_wise"), {"measure_after": False}
+    else:
+        variant, per_sample_options = perf.per_sample_variant(args.method, config)
+        options = {"model": denoiser.unet, **per_sample_options}
 
     def adjust() -> tuple[AdjustResult, Guidance]:
         guidance = guidance_from_denoiser(denoiser, sigma0, cond, uncond, guidance_scale=perf.CFG_SCALE)
-        return adjust_noise(z, guidance, variant, model=denoiser.unet, **options), guidance
+        return adjust_noise(z, guidance, variant, **options), guidance
 
     def cfg_call(x: torch.Tensor, reuse: Guidance | None = None) -> CFGDenoiser:
         model = CFGDenoiser(denoiser, cond, uncond, perf.CFG_SCALE, sigmas=sigmas, reuse=reuse)

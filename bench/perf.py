@@ -207,6 +207,9 @@ def measure_time(args: argparse.Namespace, methods: list[str]) -> dict[str, dict
     subject, z, cond, uncond, config = setup(args)
     generate(subject, "plain", z, cond, uncond, min(args.steps, 3), config)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
+    # On the CPU also the process's CPU time: the work done, without the time this process waited while other
+    # processes had the cores (a shared machine's wall time swings with them; see cpu_time_ratio).
+    cpu_times: dict[str, list[float]] = {m: [] for m in methods}
     info: dict[str, dict[str, Any]] = {}
     for rep in range(args.repeats):
         # interleaved, so load changes hit every method alike, and rotated, so that no method always runs first
@@ -214,21 +217,31 @@ def measure_time(args: argparse.Namespace, methods: list[str]) -> dict[str, dict
             _sync(subject.device)
             if subject.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             out = generate(subject, m, z, cond, uncond, args.steps, config)
             _sync(subject.device)
             times[m].append(time.perf_counter() - t)
+            cpu_times[m].append(time.process_time() - cpu)
             info[m] = {k: v for k, v in out.items() if k != "images"}
             if subject.device.type == "cuda":  # the allocator's peak, in process (the weights count in every row)
                 info[m]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-            print(f"  rep {rep + 1}/{args.repeats} {m:20s} {times[m][-1]:8.2f} s", flush=True)
+            print(f"  rep {rep + 1}/{args.repeats} {m:20s} {times[m][-1]:8.2f} s  CPU {cpu_times[m][-1]:8.2f} s",
+                  flush=True)
     for m in methods:
         info[m]["seconds"] = statistics.median(times[m])
         info[m]["seconds_all"] = times[m]
         # the ratio within each repeat (same sweep, same load), then the median over repeats
-        info[m]["time_ratios"] = [t / p for t, p in zip(times[m], times["plain"], strict=True)]
+        info[m]["time_ratios"] = _ratios(times[m], times["plain"])
         info[m]["time_ratio"] = statistics.median(info[m]["time_ratios"])
+        if subject.device.type == "cpu":  # on a GPU the host's CPU time is launch and wait, not the work
+            info[m]["cpu_time_ratios"] = _ratios(cpu_times[m], cpu_times["plain"])
+            info[m]["cpu_time_ratio"] = statistics.median(info[m]["cpu_time_ratios"])
     return info
+
+
+def _ratios(times: list[float], plain: list[float]) -> list[float]:
+    """Each repeat's time against plain's of the same repeat."""
+    return [t / p for t, p in zip(times, plain, strict=True)]
 
 
 def _rss_bytes() -> int:
@@ -423,19 +436,24 @@ def write_rows(rows: list[dict[str, Any]], out: Path = RESULTS) -> None:
              "(on a CPU from the profiler's allocation records, without the allocator's slack that the RSS counts).",
              "Time ratio: the median over repeats of each repeat's time against plain's in the same sweep; the "
              "range: the smallest and largest of those ratios (how much this machine's speed moved).",
+             "CPU-time ratio (CPU rows recorded since it was measured): the same median and range, of the process's "
+             "CPU time instead of the wall time: the work done without the time spent waiting while other "
+             "processes had the cores (with --threads 1; with more threads their spin-waits count too).",
              "UNet calls (rows recorded since they were counted): whole-UNet calls of one generation without "
              "autograd / under autograd / backward passes; where the weights set a call's cost, a call with one "
              "image costs about what one with all does, so these predict the time better than the per-image "
              "evaluations once images stop after different numbers of iterations.",
              "", "| model | device | batch | method | time ratio | range over repeats | peak memory ratio | "
-             "peak allocated ratio | evaluations / image | UNet calls | replication | alignment | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak allocated ratio | evaluations / image | UNet calls | replication | alignment | CPU-time ratio (range) | "
+             "command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in merged:
         lines.append(f"| {r['model']} | {r['device']} | {r['batch']} | {r['method']} | {r['time_ratio']:.3f} | "
                      f"{_range(r.get('time_ratios'))} | "
                      f"{r['peak_memory_ratio']:.3f} | {_fmt(r.get('peak_allocated_ratio'))} | "
                      f"{r['evaluations_per_image']:.1f} | {_unet_calls(r)} | "
-                     f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | `{_shown_command(r)}` |")
+                     f"{_fmt(r.get('replication_rate'))} | {_fmt(r.get('alignment'))} | {_cpu_time(r)} | "
+                     f"`{_shown_command(r)}` |")
     (out / "perf.md").write_text("\n".join(lines) + "\n")
 
 
@@ -469,6 +487,12 @@ def _command(argv: list[str] | None) -> str:
         elif not arg.startswith("--out="):
             kept.append(arg)
     return "python -m bench perf " + " ".join(kept)
+
+
+def _cpu_time(row: dict[str, Any]) -> str:
+    """'median (range)' of the CPU-time ratios, blank where they were not measured (GPU rows, older rows)."""
+    ratios = row.get("cpu_time_ratios")
+    return f"{row['cpu_time_ratio']:.3f} ({_range(ratios)})" if ratios else ""
 
 
 def _fmt(v: Any) -> str:
@@ -559,7 +583,8 @@ def main(argv: list[str] | None = None) -> None:
                **{k: v for k, v in info[m].items() if k != "seconds_all"},
                "machine": machine(), "command": command}
         rows.append(row)
-        print(f"{m:20s} time x{row['time_ratio']:.3f}  memory x{row['peak_memory_ratio']:.3f}  "
+        cpu = f"  CPU time x{row['cpu_time_ratio']:.3f}" if "cpu_time_ratio" in row else ""
+        print(f"{m:20s} time x{row['time_ratio']:.3f}{cpu}  memory x{row['peak_memory_ratio']:.3f}  "
               f"evaluations/image {row['evaluations_per_image']:.1f}")
     if not peaks:
         _keep_memory(rows, args.out)

@@ -78,8 +78,11 @@ def test_one_perf_run_writes_the_rows_the_issue_asks_for_with_exact_evaluation_c
     assert set(rows) == {"plain", "batch_wise", "per_sample_polyak"}
     for row in rows.values():
         assert all(row[k] is not None for k in REQUIRED) and row["model"] == "tiny" and row["device"] == "cpu"
-        assert len(row["time_ratios"]) == 2 and row["peak_memory_bytes"] > 0
+        assert len(row["time_ratios"]) == 2 and len(row["cpu_time_ratios"]) == 2 and row["peak_memory_bytes"] > 0
     assert rows["plain"]["time_ratio"] == 1.0 and rows["plain"]["peak_memory_ratio"] == 1.0
+    assert rows["plain"]["cpu_time_ratio"] == 1.0
+    # per-sample does more work than plain in every repeat, whatever else ran on the machine: its CPU time shows it
+    assert min(ps_ratios := rows["per_sample_polyak"]["cpu_time_ratios"]) > 1.0, ps_ratios
     assert rows["plain"]["evaluations_per_image"] == 4  # one CFG call per step
     # batch-wise (lab preset's 2 iterations, 2 rows each) adds forward passes only
     assert rows["batch_wise"]["backward_per_image"] == 0 and rows["batch_wise"]["forward_per_image"] > 0
@@ -95,6 +98,8 @@ def test_one_perf_run_writes_the_rows_the_issue_asks_for_with_exact_evaluation_c
     assert rows["batch_wise"]["unet_grad_calls"] == 0 and rows["batch_wise"]["unet_calls"] > 4
     table = (tmp_path / "perf.md").read_text()
     assert "| tiny | cpu | 2 | per_sample_polyak |" in table and " | 3 / 3 / 2 | " in table
+    polyak = rows["per_sample_polyak"]
+    assert f" | {polyak['cpu_time_ratio']:.3f} ({min(ps_ratios):.2f}-{max(ps_ratios):.2f}) | " in table
 
 
 def _row(model: str, method: str, batch: int = 2, device: str = "cpu", ratio: float = 1.0) -> dict:
@@ -153,8 +158,25 @@ def test_bench_adjust_counts_one_adjustment_in_unet_calls_and_predicts_from_the_
     assert report["predicted_ratio"] == pytest.approx(1 + (report["calls"] - 1) / 10)
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        adjust.parse_args(["--method", "batch_wise"])
-    assert f"--method 'batch_wise': allowed are the per-sample variants {perf.PER_SAMPLE_FORMS}" in capsys.readouterr().err
+        adjust.parse_args(["--method", "per_sample_exact"])
+    assert (f"--method 'per_sample_exact': allowed are batch_wise and the per-sample variants "
+            f"{perf.PER_SAMPLE_FORMS}") in capsys.readouterr().err
+
+
+def test_bench_adjust_times_the_batch_wise_method_in_forward_calls_with_nothing_to_reuse():
+    """bench adjust --method batch_wise: the preset's iterations for every image, two no-grad calls each (the
+    guidance at z and at the probe), nothing under autograd; the sampler's first call is at the moved noise, so
+    it is made, and the prediction is 1 + calls / steps."""
+    from bench import adjust
+
+    args = adjust.parse_args(["--model", "tiny", "--batch", "2", "--steps", "10", "--repeats", "2", "--threads", "1",
+                              "--method", "batch_wise"])
+    iterations = perf.setup(args)[-1].iterations
+    report = adjust.measure(args)
+    assert report["iterations"] == [iterations, iterations]
+    assert (report["unet_calls"], report["unet_grad_calls"], report["unet_backward_calls"]) == (2 * iterations, 0, 0)
+    assert report["reused"] == 0 and all(r > 0 for r in report["ratios"])
+    assert report["predicted_ratio"] == pytest.approx(1 + report["calls"] / 10)
 
 
 def test_bench_saved_profile_splits_both_passes_by_operator_family(capsys):
