@@ -5,12 +5,12 @@
 
 ``bench perf`` times whole generations, whose 20-50 sampler steps carry this machine's drift (10-40% within
 minutes) into every ratio. Here one adjustment (``adjust_noise`` with a per-sample variant or the batch-wise
-method, as ``bench perf`` runs it) is timed against two no-grad CFG calls of the whole batch made just before it (the sampler's call at
-its first noise level), interleaved over repeats, so the drift between them is seconds, not minutes. It prints
-the adjustment's iterations, its whole-UNet calls (without autograd / under autograd / backward passes,
-``bench.perf.UNetCalls``), whether the sampler's first call is then taken from the last check (as
-``CFGDenoiser(reuse=...)`` does), and the predicted time ratio of a generation with ``steps`` sampler calls:
-``1 + (adjustment in calls - reused calls) / steps``.
+method, as ``bench perf`` runs it) is timed against two no-grad CFG calls of the whole batch made just before
+it (the sampler's call at its first noise level), interleaved over repeats, so the drift between them is
+seconds, not minutes. It prints the adjustment's iterations, its whole-UNet calls (without autograd / under
+autograd / backward passes, ``bench.perf.UNetCalls``), whether the sampler's first call is then taken from the
+last check (as ``CFGDenoiser(reuse=...)`` does), and the predicted time ratio of a generation with ``steps``
+sampler calls: ``1 + (adjustment in calls - reused calls) / steps``.
 """
 
 from __future__ import annotations

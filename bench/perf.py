@@ -2,7 +2,7 @@
 
 For one model: plain CFG sampling and every method on the same seeds, steps and batch; prints and records
 time ratios (each repeat's time against plain's in the same sweep, median over interleaved repeats whose order
-rotates), peak-memory ratios (CUDA: max allocated, in process; CPU: peak RSS of
+rotates; on the CPU the same for the process's CPU time too), peak-memory ratios (CUDA: max allocated, in process; CPU: peak RSS of
 a fresh child process per method, since RSS never shrinks within a process) and model evaluations per image.
 
     python -m bench perf --model sd15 --latent 8 --steps 20 --batch 2     # CPU, SD1.5-size UNet
@@ -225,8 +225,8 @@ def measure_time(args: argparse.Namespace, methods: list[str]) -> dict[str, dict
             info[m] = {k: v for k, v in out.items() if k != "images"}
             if subject.device.type == "cuda":  # the allocator's peak, in process (the weights count in every row)
                 info[m]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-            print(f"  rep {rep + 1}/{args.repeats} {m:20s} {times[m][-1]:8.2f} s  CPU {cpu_times[m][-1]:8.2f} s",
-                  flush=True)
+            cpu_note = f"  CPU {cpu_times[m][-1]:8.2f} s" if subject.device.type == "cpu" else ""
+            print(f"  rep {rep + 1}/{args.repeats} {m:20s} {times[m][-1]:8.2f} s{cpu_note}", flush=True)
     for m in methods:
         info[m]["seconds"] = statistics.median(times[m])
         info[m]["seconds_all"] = times[m]
