@@ -296,7 +296,9 @@ def guidance_from_denoiser(
     ``p.sampler.model_wrap``), at the sampler's first noise level ``sigma``.
 
     The sampler starts from ``x = z * sigma`` (``z * sqrt(1 + sigma^2)`` with A1111's SGM noise multiplier), and
-    ``eps = (x - D(x, sigma)) / sigma``, valid for eps- and v-prediction models alike.
+    ``eps = (x - D(x, sigma)) / sigma``, valid for eps- and v-prediction models alike. The methods work on
+    float32 noise; ``model_dtype`` casts the denoiser's input to the model's dtype (fp16 weights) where the
+    denoiser does not cast it itself, as the WebUIs' models do.
     """
     check_guidance_scale(guidance_scale)
     sigma = _positive_float("sigma", sigma)

@@ -9,7 +9,8 @@ import weakref
 import pytest
 import torch
 
-from memsafe import InputError, MitigationConfig, adjust_noise
+from helpers import SIGMA0, LatentDiffusionStandIn, small_unet  # tests/ is on sys.path (conftest.py)
+from memsafe import InputError, MitigationConfig, adjust_noise, guidance_from_denoiser
 from memsafe.checkpointing import (
     SavedBytes,
     checkpoint_blocks,
@@ -496,3 +497,25 @@ def test_a_budget_plan_leaves_no_tensors_alive_after_adjusting(guidance, batch, 
         del res
         runs.append(live_tensors())
     assert runs[2] == runs[1], runs
+
+
+def test_half_precision_model_gives_the_same_noise_with_every_checkpointing_mode(kd, batch):
+    """What the GPU runs (fp16 weights and noise; bench/gpu_perf.sh measures nothing else), here on the CPU: the
+    per-sample method on a half-precision UNet, with checkpointing off, always and within a budget, gives the
+    same noise in the noise's dtype (up to fp16 round-off), the same iterations, and puts every part back."""
+    z, cond, uncond = batch
+    unet = small_unet().half()
+    denoiser = kd.external.CompVisDenoiser(LatentDiffusionStandIn(unet), quantize=False)
+    guidance = guidance_from_denoiser(denoiser, SIGMA0, {"cond": cond.half()}, {"cond": uncond.half()},
+                                      model_dtype=torch.float16)  # the hosts' models cast their input themselves
+    z = z.half()
+    cfg = per_sample_config(guidance, z)
+    off = adjust_noise(z, guidance, cfg, model=unet, checkpointing="never")
+    assert off.z.dtype == torch.float16 and torch.isfinite(off.z).all() and off.iterations.min() >= 2
+    assert (off.norm_after < off.norm_before).all()
+    for mode, budget in (("always", None), ("budget", 1), ("budget", 2**40)):
+        res = adjust_noise(z, guidance, cfg, model=unet, checkpointing=mode, memory_budget=budget)
+        assert res.z.dtype == torch.float16 and res.iterations.tolist() == off.iterations.tolist(), mode
+        torch.testing.assert_close(res.z, off.z, rtol=1e-2, atol=1e-2)
+        assert all("forward" not in b.__dict__ for b in checkpoint_blocks(unet))
+    assert all(p.requires_grad for p in unet.parameters())  # the weights as the host left them
