@@ -50,6 +50,9 @@ class DictWithShape(dict):  # L270-277: SDXL conds, a dict that answers .shape l
     def shape(self):
         return self["crossattn"].shape
 
+    def advanced_indexing(self, item):  # Forge's own addition (prompt_parser.py L286-291), for its AND prompts
+        return DictWithShape({k: v[item] for k, v in self.items() if isinstance(v, torch.Tensor)})
+
 
 def _stack(rows):  # L297-304 / L339-344: SDXL conds are dicts of tensors, stacked per key
     if isinstance(rows[0], dict):

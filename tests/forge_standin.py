@@ -5,11 +5,18 @@ calc_cond_uncond_batch, its CFG denoiser and the inference-mode job) is restated
 
 ``install(sd_model)`` installs the A1111 stand-in, then ``modules_forge`` and the ``backend`` modules, and makes
 ``sd_model`` a Forge model (``forge_objects``); ``uninstall()`` removes everything again.
+
+With ``MEMSAFE_FORGE_SRC`` set to a Forge checkout, Forge's own ``backend/sampling/condition.py`` and
+``calc_cond_uncond_batch`` replace the restatements below (the rest stays restated): the tests then check MemSafe
+against Forge's real conditioning and batching code. Forge's backend imports need ``psutil`` and
+``sentencepiece`` (its Python environment has them; this project's does not).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import sys
 import types
 
@@ -79,7 +86,7 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
 
 def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options):  # L292-322
     edit_strength = sum(item.get("strength", 1) for item in cond)
-    cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options)
+    cond_pred, uncond_pred = _functions().calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options)
     cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
     for fn in model_options.get("sampler_post_cfg_function", []):
         cfg_result = fn({"denoised": cfg_result, "cond": cond, "uncond": uncond, "model": model,
@@ -91,12 +98,13 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
 def sampling_function(self, denoiser_params, cond_scale, cond_composition):  # L325-363
     unet_patcher = self.inner_model.inner_model.forge_objects.unet
     x, timestep = denoiser_params.x, denoiser_params.sigma
-    uncond = compile_conditions(denoiser_params.text_uncond)
-    cond = compile_weighted_conditions(denoiser_params.text_cond, cond_composition)
+    condition = sys.modules["backend.sampling.condition"]
+    uncond = condition.compile_conditions(denoiser_params.text_uncond)
+    cond = condition.compile_weighted_conditions(denoiser_params.text_cond, cond_composition)
     image_cond_in = denoiser_params.image_cond
     if image_cond_in.shape[0] == x.shape[0] and image_cond_in.shape[2:] == x.shape[2:]:
         for entry in uncond + cond:
-            entry["model_conds"]["c_concat"] = Condition(image_cond_in)
+            entry["model_conds"]["c_concat"] = condition.Condition(image_cond_in)
     if unet_patcher.controlnet_linked_list is not None:
         for entry in cond + uncond:
             entry["control"] = unet_patcher.controlnet_linked_list
@@ -107,6 +115,31 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition):  # L
 
 def sampling_prepare(unet, x):  # L366-399: loads the models to the device (here: counts the calls)
     unet.prepared += 1
+
+
+def _functions():
+    return sys.modules["backend.sampling.sampling_function"]
+
+
+@functools.cache
+def forge_own_functions() -> dict | None:
+    """Forge's own Condition, compile_conditions, compile_weighted_conditions and calc_cond_uncond_batch from the
+    checkout at ``$MEMSAFE_FORGE_SRC``, or None when it is unset. Imported once, before the stand-in's modules
+    take the ``backend`` names (the functions keep their own module globals)."""
+    src = os.environ.get("MEMSAFE_FORGE_SRC")
+    if not src:
+        return None
+    sys.path[:0] = [src, os.path.join(src, "packages_3rdparty")]
+    argv, sys.argv = sys.argv, [sys.argv[0], "--always-cpu"]  # backend/args.py parses the command line
+    try:
+        from backend.sampling import condition, sampling_function
+    finally:
+        sys.argv = argv
+    for name in [n for n in sys.modules if n == "backend" or n.startswith("backend.")]:
+        del sys.modules[name]  # its objects stay alive through the functions' globals
+    return {"Condition": condition.Condition, "compile_conditions": condition.compile_conditions,
+            "compile_weighted_conditions": condition.compile_weighted_conditions,
+            "calc_cond_uncond_batch": sampling_function.calc_cond_uncond_batch}
 
 
 # -- the model (backend/modules/k_prediction.py, k_model.py, patcher/unet.py, diffusion_engine/base.py) ----------
@@ -143,6 +176,9 @@ class StandInKModel(nn.Module):
         self.diffusion_model = sd_model.unet
         self.predictor = StandInPredictor(sd_model.alphas_cumprod)
         self.calls = 0
+
+    def memory_required(self, input_shape):  # L48-59: what a call of this input takes; here: always fits
+        return 0
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, y=None):
         self.calls += 1
@@ -339,17 +375,19 @@ BACKEND_MODULES = ("modules_forge", "backend", "backend.sampling", "backend.samp
 
 def install(sd_model, **opts):
     """The A1111 1.10 stand-in plus Forge's modules; ``sd_model`` becomes a Forge model. Returns ``modules``."""
+    own = forge_own_functions() or {}  # before the stand-in's modules take the names
     modules = webui.install(make_forge_model(sd_model), **opts)
     for name in BACKEND_MODULES:
         module = types.ModuleType(name)
         module.__path__ = []
         sys.modules[name] = module
     condition = sys.modules["backend.sampling.condition"]
-    condition.Condition, condition.compile_conditions = Condition, compile_conditions
-    condition.compile_weighted_conditions = compile_weighted_conditions
+    condition.Condition = own.get("Condition", Condition)
+    condition.compile_conditions = own.get("compile_conditions", compile_conditions)
+    condition.compile_weighted_conditions = own.get("compile_weighted_conditions", compile_weighted_conditions)
     functions = sys.modules["backend.sampling.sampling_function"]
-    functions.calc_cond_uncond_batch, functions.sampling_function = calc_cond_uncond_batch, sampling_function
-    functions.sampling_prepare = sampling_prepare
+    functions.calc_cond_uncond_batch = own.get("calc_cond_uncond_batch", calc_cond_uncond_batch)
+    functions.sampling_function, functions.sampling_prepare = sampling_function, sampling_prepare
     return modules
 
 

@@ -3,6 +3,8 @@ the same real UNet and k-diffusion samplers)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 
 import pytest
@@ -226,3 +228,15 @@ def test_the_info_route_names_the_host(host):
     forge_webui.uninstall()
     webui.install(webui.StandInSDModel(torch.nn.Identity()))
     assert a1111_app.info()["host"] == "a1111"
+
+
+@pytest.mark.skipif(not os.environ.get("MEMSAFE_FORGE_SRC"), reason="set MEMSAFE_FORGE_SRC to a Forge checkout")
+def test_forges_own_conditioning_and_batching_are_in_place_when_a_checkout_is_given(host):
+    """With MEMSAFE_FORGE_SRC the other tests run on Forge's own condition.py and calc_cond_uncond_batch, not on
+    the stand-in's restatements: a wrong path must not silently test the restatements again."""
+    src = os.path.realpath(os.environ["MEMSAFE_FORGE_SRC"])
+    condition = sys.modules["backend.sampling.condition"]
+    functions = sys.modules["backend.sampling.sampling_function"]
+    for fn in (condition.compile_conditions, condition.compile_weighted_conditions,
+               functions.calc_cond_uncond_batch):
+        assert os.path.realpath(fn.__code__.co_filename).startswith(src + os.sep), fn
