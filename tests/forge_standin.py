@@ -45,7 +45,7 @@ def compile_weighted_conditions(cond, weights):  # L122-142: one condition per A
     results = []
     for part in map(list, zip(*weights)):
         rows = [i for i, _ in part]
-        feed = {k: v[rows] for k, v in cond.items()} if isinstance(cond, dict) else cond[rows]
+        feed = cond.advanced_indexing(rows) if hasattr(cond, "advanced_indexing") else cond[rows]
         h = compile_conditions(feed)
         h[0]["strength"] = part[-1][1]
         results += h
@@ -177,7 +177,7 @@ class StandInKModel(nn.Module):
         self.predictor = StandInPredictor(sd_model.alphas_cumprod)
         self.calls = 0
 
-    def memory_required(self, input_shape):  # L48-59: what a call of this input takes; here: always fits
+    def memory_required(self, input_shape):  # L48-59: bytes a call of this input takes; here every call fits
         return 0
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, y=None):
