@@ -69,11 +69,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     denoiser = subject.denoiser
     sigmas = denoiser.get_sigmas(args.steps).to(subject.device)
     sigma0 = float(sigmas[0])
-    if args.method == "batch_wise":  # as bench perf runs it: the preset's iterations, no risk measured after
-        variant, options = config.replace(method="batch_wise"), {"measure_after": False}
-    else:
-        variant, per_sample_options = perf.per_sample_variant(args.method, config)
-        options = {"model": denoiser.unet, **per_sample_options}
+    variant, options = perf.adjustment(args.method, config, denoiser.unet)  # as bench perf runs it
 
     def adjust() -> tuple[AdjustResult, Guidance]:
         guidance = guidance_from_denoiser(denoiser, sigma0, cond, uncond, guidance_scale=perf.CFG_SCALE)

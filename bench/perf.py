@@ -91,6 +91,17 @@ def per_sample_variant(method: str, config: MitigationConfig) -> tuple[Mitigatio
                      "max_batch": 1 if parts["one"] else None}
 
 
+def adjustment(method: str, config: MitigationConfig, unet: torch.nn.Module
+               ) -> tuple[MitigationConfig, dict[str, Any]]:
+    """The config and ``adjust_noise`` options that bench runs ``method`` with: ``batch_wise`` (the config's
+    iterations, no risk measured after) or a per_sample variant on the frozen ``unet``
+    (:func:`per_sample_variant`). ``bench perf`` and ``bench adjust`` both take them from here."""
+    if method == "batch_wise":
+        return config.replace(method="batch_wise"), {"measure_after": False}
+    variant, options = per_sample_variant(method, config)
+    return variant, {"model": unet, **options}
+
+
 # -- one generation with one method ------------------------------------------------------------------------------
 class UNetCalls:
     """Counts the whole-UNet calls made while it is entered: ``calls`` without autograd (sampler steps,
@@ -151,14 +162,15 @@ def _generate(subject: Subject, method: str, z: Tensor, cond: dict, uncond: dict
     forward = backward = 0
     iterations = 0.0
     if method == "batch_wise":
-        res = adjust_noise(z, g, config.replace(method="batch_wise"), measure_after=False)
+        variant, options = adjustment(method, config, denoiser.unet)
+        res = adjust_noise(z, g, variant, **options)
         z, uncond_steps, uncond_images = res.z, config.uncond_steps, res.uncond_images
         forward, backward = res.evaluations.forward, res.evaluations.backward
     elif method == "per_sample_exact":
         z, forward, backward = per_sample_exact(z, g, config)
     elif PER_SAMPLE_VARIANT.fullmatch(method) is not None:
-        variant, options = per_sample_variant(method, config)
-        res = adjust_noise(z, g, variant, model=denoiser.unet, **options)
+        variant, options = adjustment(method, config, denoiser.unet)
+        res = adjust_noise(z, g, variant, **options)
         z, forward, backward = res.z, res.evaluations.forward, res.evaluations.backward
         iterations = float(res.iterations.float().mean())
         reuse = g  # each image's last check, where it stopped, is the sampler's first call
