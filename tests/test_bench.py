@@ -179,6 +179,46 @@ def test_bench_adjust_times_the_batch_wise_method_in_forward_calls_with_nothing_
     assert report["predicted_ratio"] == pytest.approx(1 + report["calls"] / 10)
 
 
+def test_bench_jacobian_tells_the_gradient_from_the_forward_only_product_of_a_known_jacobian():
+    """On eps_tilde(z) = A z with A not symmetric, the three ways give exactly A^T u (vjp) and A u (jvp, and the
+    finite difference, exact on a linear map); with A symmetric the cosine between them is 1."""
+    from bench import jacobian
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=gen, dtype=torch.float64).float()
+    z = torch.randn(3, 3, 2, 2, generator=gen)
+
+    def linear(matrix):
+        return lambda x: (x.flatten(1) @ matrix.T).view_as(x)
+
+    found = jacobian.directions(linear(a), z, h=0.5)
+    u = found["u"].flatten(1)
+    assert torch.allclose(found["vjp"].flatten(1), u @ a, atol=1e-5)  # rows: (A^T u)^T = u^T A
+    assert torch.allclose(found["jvp"].flatten(1), u @ a.T, atol=1e-5)
+    assert torch.allclose(found["fd"].flatten(1), u @ a.T, atol=1e-4)
+    assert (jacobian.cosine(found["vjp"], found["jvp"]) < 0.99).all()
+    symmetric = jacobian.directions(linear(a + a.T), z, h=0.5)
+    assert torch.allclose(jacobian.cosine(symmetric["vjp"], symmetric["jvp"]), torch.ones(3, dtype=torch.float64))
+
+
+def test_bench_jacobian_on_a_unet_measures_every_way_and_the_finite_difference_is_the_forward_product(capsys):
+    """bench jacobian on a tiny UNet: per-image cosines in [-1, 1], the finite difference at a small radius
+    pointing where forward-mode AD's exact J u does, a time and a peak for each way, and the backward pass
+    holding more than a no-grad call."""
+    from bench import jacobian
+
+    jacobian.main(["--model", "tiny", "--batch", "2", "--repeats", "1", "--threads", "1", "--fd-radius", "0.01"])
+    out = capsys.readouterr().out
+    assert "cos(J u, J^T u) per image" in out and "jvp:" in out
+    args = jacobian.parse_args(["--model", "tiny", "--batch", "2", "--repeats", "2", "--threads", "1",
+                                "--fd-radius", "0.01"])
+    report = jacobian.measure(args)
+    assert len(report["cos_ju_jtu"]) == 2 and all(-1 <= c <= 1 for c in report["cos_ju_jtu"])
+    assert all(c > 0.99 for c in report["cos_fd_ju"])
+    assert set(report["calls"]) == set(jacobian.WAYS) and all(v > 0 for v in report["calls"].values())
+    assert report["peak_bytes"]["vjp"] > report["peak_bytes"]["call"] > 0
+
+
 def test_bench_saved_profile_splits_both_passes_by_operator_family(capsys):
     """bench saved --profile on a tiny UNet (it has convolutions, attention and linear layers): every family
     that the UNet runs gets time in both passes, and the printed totals and ratios are those of the families."""
