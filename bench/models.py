@@ -139,6 +139,7 @@ def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, la
     eps_cond - eps_uncond is non-zero and the methods have work to do."""
     from diffusers import UNet2DConditionModel
 
+    _require_device(device)
     if name == "lab":
         return build_lab(device)
     config, _ = CONFIGS[name]
@@ -169,10 +170,35 @@ def add_subject_arguments(p: argparse.ArgumentParser, models: tuple[str, ...] = 
     """The options every bench command builds its model from (:func:`build`), and its CPU threads: --model,
     --device, --dtype, --latent, --threads."""
     p.add_argument("--model", default="sd15", choices=list(models))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--latent", type=positive, default=None, help="latent side (default: the model's native size)")
     p.add_argument("--threads", type=count, default=0, help="CPU threads (default: torch's default)")
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has that GPU is checked when the
+    model is built, :func:`build`, so that a GPU script's command lines parse on any machine)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed are cpu, cuda and cuda:N")
+    return text
+
+
+def _require_device(device: str) -> None:
+    """Exit with a message naming --device where this torch cannot run on ``device`` (instead of a CUDA assertion
+    from deep inside the model build)."""
+    where = torch.device(device)
+    if where.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit(f"bench: --device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if where.index is not None and where.index >= torch.cuda.device_count():
+        raise SystemExit(f"bench: --device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _whole_number(text: str, minimum: int) -> int:

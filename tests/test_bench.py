@@ -345,6 +345,21 @@ def test_every_command_of_the_gpu_script_parses(capsys, tmp_path):
     assert perf.parse_args(["--threads", "0"]).threads == 0 and saved.parse_args(["--profile", "0"]).profile == 0
 
 
+def test_bench_device_names_the_option_for_a_bad_name_and_for_a_gpu_this_torch_cannot_see(capsys):
+    """--device takes cpu, cuda and cuda:N (a GPU script's commands parse on any machine); a GPU this torch does
+    not see stops the model build with a message naming --device, not a CUDA assertion."""
+    from bench import jacobian, models
+
+    for value in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(SystemExit):
+            jacobian.parse_args(["--device", value])
+        assert f"argument --device: {value!r}: allowed are cpu, cuda and cuda:N" in capsys.readouterr().err, value
+    assert perf.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(SystemExit, match=f"--device {missing}: this"):
+        models.build("tiny", missing)
+
+
 def test_the_ops_benchmark_of_the_gpu_check_parses_and_refuses_counts_that_measure_nothing(tmp_path):
     """bench/gpu_check.sh runs bench_ops.py once, late in a short GPU run: its command line must be accepted here,
     and a round count of 0 (a median of nothing) or a negative thread count refused before any work."""
