@@ -67,6 +67,8 @@ _FIELDS: dict[str, _Field] = {
                             "max_step) or adamw (the paper's, learning rate lr)"),
     "max_step": _Field(float, 0.0, 10.0, low_open=True,
                        doc="polyak: the largest step, as RMS per element of z (unit variance)"),
+    "hold_norm_steps": _Field(int, 0, 10000,
+                              doc="polyak: for each image's first N steps the noise keeps its norm (0: off)"),
     "risk_threshold": _Field(
         float, 0.0, 1e6, doc="auto: images with risk >= this are adjusted (at 16384 elements)"
     ),
@@ -145,6 +147,7 @@ class MitigationConfig:
     fd_radius: float = 1.0
     optimizer: str = "polyak"  # the paper's AdamW until 0.2.0: same efficacy on the lab, a seventh of the evaluations
     max_step: float = 0.05
+    hold_norm_steps: int = 0
     # auto
     risk_threshold: float = 0.9
     auto_method: str = "per_sample"
@@ -239,8 +242,8 @@ class MitigationConfig:
 INFOTEXT_BASELINE: dict[str, Any] = {
     "method": "per_sample", "rho": 50.0, "gamma": 0.7, "iterations": 2, "uncond_steps": 5, "lr": 0.01,
     "target": 0.9, "max_iterations": 1000, "weight_decay": 0.01, "gradient": "autograd", "fd_radius": 1.0,
-    "optimizer": "adamw", "max_step": 0.05, "risk_threshold": 0.9, "auto_method": "per_sample",
-    "scale_with_size": True,
+    "optimizer": "adamw", "max_step": 0.05, "hold_norm_steps": 0, "risk_threshold": 0.9,
+    "auto_method": "per_sample", "scale_with_size": True,
 }
 
 

@@ -371,7 +371,7 @@ def _per_sample(
             break
         if config.optimizer == "polyak":
             polyak_step_(z_rows, grad, norm_after, active, steps, aim=POLYAK_AIM * scaled.target,
-                         max_rms_step=config.max_step)
+                         max_rms_step=config.max_step, hold_norm_steps=config.hold_norm_steps)
         else:
             ops.adamw_step_(z_rows, grad, exp_avg, exp_avg_sq, steps, active, lr=config.lr,
                             weight_decay=config.weight_decay)
@@ -383,11 +383,20 @@ POLYAK_AIM = 0.9  # polyak steps aim a little below the target, so that round-of
 
 
 def polyak_step_(z: Tensor, grad: Tensor, norms: Tensor, active: Tensor, steps: Tensor, *, aim: float,
-                 max_rms_step: float) -> None:
+                 max_rms_step: float, hold_norm_steps: int = 0) -> None:
     """One Polyak step per ACTIVE image, in place: ``z -= (||eps_tilde|| - aim) / ||g||^2 * g``, the step length
     to reach ``aim`` if ``||eps_tilde||`` were linear along ``g``, capped at ``max_rms_step * sqrt(numel)``.
     The optimum value is known here (the target), which is what Polyak's step size needs; inactive images are
-    left bit-identical."""
+    left bit-identical.
+
+    An image that has taken fewer than ``hold_norm_steps`` steps is scaled back to its norm ``||z||`` from before
+    the step: those first, largest steps only turn the noise, so its norm stays the seed's; later steps are free,
+    so that an image whose copy can only be left by changing the norm still leaves it (on the lab, README "Held
+    norm": 2 held steps at ``max_step`` 0.1 take about one iteration fewer at the same efficacy). 0 (the
+    default) leaves every step as above."""
+    held = active & (steps < hold_norm_steps) if hold_norm_steps > 0 else None
+    if held is not None:
+        norm_before = _row_norms(z)
     g2 = grad.flatten(1).pow(2).sum(1)
     g_norm = g2.sqrt()
     length = (norms - aim).clamp_min(0) / g_norm.clamp_min(torch.finfo(g_norm.dtype).tiny)
@@ -395,7 +404,17 @@ def polyak_step_(z: Tensor, grad: Tensor, norms: Tensor, active: Tensor, steps: 
     coef = torch.where(active & (g_norm > 0), length / g_norm.clamp_min(torch.finfo(g_norm.dtype).tiny),
                        torch.zeros_like(length))
     z.sub_(grad * coef.view(-1, *([1] * (z.dim() - 1))))
+    if held is not None:
+        tiny = torch.finfo(torch.float32).tiny
+        ratio = torch.where(held, norm_before / _row_norms(z).clamp_min(tiny), torch.ones_like(norm_before))
+        z.mul_(ratio.to(z.dtype).view(-1, *([1] * (z.dim() - 1))))
     steps.add_(active.long())
+
+
+def _row_norms(z: Tensor) -> Tensor:
+    """``||z_i||`` per image, accumulated and returned in float32 (a half-precision sum of squares overflows at
+    65504, below an SDXL latent's 65536 unit-variance elements)."""
+    return torch.linalg.vector_norm(z.flatten(1), dim=1, dtype=torch.float32)
 
 
 def _norms_and_gradients(

@@ -48,6 +48,9 @@ def test_norm_parameters_scale_with_sqrt_of_latent_size(shape, scale):
         ("scale_with_size", "maybe"),
         ("rho", "abc"),
         ("iterations", True),
+        ("hold_norm_steps", -1),
+        ("hold_norm_steps", 1.5),
+        ("hold_norm_steps", 10**5),
     ],
 )
 def test_out_of_range_values_raise_config_error_naming_field_and_range(field, value):
@@ -89,11 +92,12 @@ def test_string_round_trip_is_exact_and_compact():
 def test_an_infotext_written_before_the_default_step_changed_reads_back_as_adamw():
     # memsafe 0.1.0 (default AdamW) wrote only the fields that differed from its defaults: no optimizer field
     old = MitigationConfig.from_string("method=per_sample;target=1.2")
-    assert old.optimizer == "adamw" and old.target == 1.2
+    assert old.optimizer == "adamw" and old.target == 1.2 and old.hold_norm_steps == 0  # steps as they were
     assert old.to_string() == "method=per_sample;target=1.2"  # and it is written back unchanged
     assert MitigationConfig().optimizer == "polyak"
     for cfg in (MitigationConfig(), MitigationConfig(method="auto", max_step=0.02),
-                MitigationConfig(method="batch_wise", optimizer="adamw", gradient="finite_difference")):
+                MitigationConfig(method="batch_wise", optimizer="adamw", gradient="finite_difference"),
+                MitigationConfig(max_step=0.1, hold_norm_steps=2)):
         assert MitigationConfig.from_string(cfg.to_string()) == cfg
 
 

@@ -472,3 +472,42 @@ def test_out_of_distribution_flags_adjusted_noise_that_left_the_gaussian_rms():
     off = adjust_noise(z, eps_tilde, MitigationConfig(method="off"))
     assert off.noise_rms.tolist() == pytest.approx(memsafe.noise_rms(z).tolist())
     assert not off.out_of_distribution().any()
+
+
+def test_polyak_steps_within_hold_norm_steps_keep_each_images_norm_and_later_ones_are_free():
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 2, 4, 4, generator=gen)
+    grad = torch.randn(3, 2, 4, 4, generator=gen)
+    norms, active = torch.tensor([5.0, 5.0, 5.0]), torch.tensor([True, True, False])
+    free, held = z.clone(), z.clone()
+    memsafe.methods.polyak_step_(free, grad, norms, active, torch.tensor([1, 2, 0]), aim=1.0, max_rms_step=0.3)
+    steps = torch.tensor([1, 2, 0])
+    memsafe.methods.polyak_step_(held, grad, norms, active, steps, aim=1.0, max_rms_step=0.3, hold_norm_steps=2)
+    assert steps.tolist() == [2, 3, 0]
+    # image 0 has taken 1 step (< 2): the free step, scaled back onto the sphere of its norm before the step
+    torch.testing.assert_close(held[0].norm(), z[0].norm())
+    torch.testing.assert_close(held[0], free[0] * (z[0].norm() / free[0].norm()))
+    assert not torch.allclose(free[0].norm(), z[0].norm())  # the free step did change the norm
+    # image 1 has taken 2 steps already: free; image 2 is inactive: untouched, bit for bit
+    assert torch.equal(held[1], free[1]) and torch.equal(held[2], z[2])
+
+
+def test_hold_norm_steps_holds_the_noise_norm_through_the_first_steps_of_adjust_noise_only():
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    g = ConservativeGuidance(z.shape)
+    target = float(per_image_norm(g(z)).min()) * 0.05  # out of reach: every image takes every step
+    common = {"method": "per_sample", "target": target, "scale_with_size": False, "optimizer": "polyak",
+              "max_step": 0.3, "hold_norm_steps": 2}
+    two = adjust_noise(z, g, MitigationConfig(**common, max_iterations=2))
+    assert two.iterations.tolist() == [2, 2, 2]
+    torch.testing.assert_close(two.z.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1))
+    three = adjust_noise(z, g, MitigationConfig(**common, max_iterations=3))
+    free = adjust_noise(z, g, MitigationConfig(**{**common, "hold_norm_steps": 0}, max_iterations=3))
+    for result in (three, free):
+        assert not torch.allclose(result.z.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1), rtol=1e-3)
+    assert not torch.allclose(three.z, free.z)  # the held steps led elsewhere
+    # AdamW is not a Polyak step: the field does not change it (as lr does not change Polyak's)
+    adamw = {**common, "optimizer": "adamw", "lr": 0.05, "max_iterations": 2}
+    torch.testing.assert_close(adjust_noise(z, g, MitigationConfig(**adamw)).z,
+                               adjust_noise(z, g, MitigationConfig(**{**adamw, "hold_norm_steps": 0})).z,
+                               rtol=0, atol=0)
