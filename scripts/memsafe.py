@@ -38,6 +38,7 @@ FIELD_LABELS = {
     "risk_threshold": ("Risk threshold (auto)", 0.0, 50.0, 0.01),
     "fd_radius": ("Finite-difference probe distance (per-sample, forward-only gradient)", 0.01, 50.0, 0.01),
     "max_step": ("Largest Polyak step (per-sample, RMS per element)", 0.001, 1.0, 0.001),
+    "hold_norm_steps": ("Polyak steps that keep the noise's norm (per-sample; 0: off)", 0, 20, 1),
 }
 FORGE_PER_SAMPLE_COST = ("Per-sample (Forge: forward-only gradient, no backprop): two UNet passes per step until "
                          "each image reaches its target, no extra VRAM; weaker prompt alignment than backprop "

@@ -30,9 +30,11 @@ def test_missing_trailing_arguments_and_presets():
         "sd2", method="auto")
     # ... except the fields no preset sets (how per-sample steps), which apply with every preset
     args = dict.fromkeys(ARG_NAMES)
-    args.update(enabled=True, method="per_sample", preset="sd2", rho=1.0, optimizer="polyak", max_step=0.1)
+    args.update(enabled=True, method="per_sample", preset="sd2", rho=1.0, optimizer="polyak", max_step=0.1,
+                hold_norm_steps=2)
+    assert ARG_NAMES[-1] == "hold_norm_steps"  # the newest field comes last: older positional calls still fit
     assert parse_script_args(list(args.values())).resolve("sd1") == MitigationConfig.from_preset(
-        "sd2", method="per_sample", optimizer="polyak", max_step=0.1)
+        "sd2", method="per_sample", optimizer="polyak", max_step=0.1, hold_norm_steps=2)
     for preset in PRESETS.values():
         assert not set(preset.values) & set(PRESET_FREE), preset.name
 
@@ -61,6 +63,7 @@ def test_disabled_is_off_whatever_else_is_sent():
     ([{"enabled": True, "preset": "sd3"}], "preset"),
     ([{"enabled": "yes"}], "enabled"),
     ([True, "auto", "custom", -1.0], "rho"),
+    ([{"enabled": True, "hold_norm_steps": -2}], "hold_norm_steps"),
     ([True] * 20, "args"),
 ])
 def test_bad_arguments_name_the_field(args, field):

@@ -93,6 +93,7 @@ XYZ_AXES: tuple[tuple[str, type, str, Any], ...] = (
     ("[MemSafe] Max iterations", int, "max_iterations", None),
     ("[MemSafe] Per-sample step", str, "optimizer", list(OPTIMIZERS)),  # Polyak against the paper's AdamW
     ("[MemSafe] Largest Polyak step", float, "max_step", None),
+    ("[MemSafe] Polyak steps with the norm held", int, "hold_norm_steps", None),
 )
 
 

@@ -40,11 +40,12 @@ FIELD_ORDER = (
     "fd_radius",
     "optimizer",
     "max_step",
+    "hold_norm_steps",
 )
 ARG_NAMES = ("enabled", "method", "preset", *FIELD_ORDER)
 # Fields no preset sets (how per-sample computes its steps, not the paper's calibrated values): they apply with
 # every preset, so a WebUI user can pick the Polyak step or the forward-only gradient without going "custom".
-PRESET_FREE = ("gradient", "fd_radius", "optimizer", "max_step")
+PRESET_FREE = ("gradient", "fd_radius", "optimizer", "max_step", "hold_norm_steps")
 DEFAULT_METHOD = "auto"
 
 
