@@ -38,13 +38,15 @@ from memsafe import CFGDenoiser, MitigationConfig, adjust_noise, guidance_from_d
 from .models import CONFIGS, Subject, add_subject_arguments, build, positive, sample_euler, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# per_sample* variants: per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]; AdamW unless _polyak, autograd
-# gradients unless _fd (the forward-only finite-difference estimate); _checkpointed recomputes every
+# per_sample* variants: per_sample[_fd][_polyak[_step<S>][_hold<N>]][_checkpointed|_budget[MiB]][_one]; AdamW
+# unless _polyak (_step0.1: max_step 0.1, _hold2: hold_norm_steps 2), autograd gradients unless _fd (the
+# forward-only finite-difference estimate); _checkpointed recomputes every
 # part of the UNet in the backward pass (memsafe.checkpointing), _budget500 only what does not fit in 500 MiB of
 # kept activations (_budget alone: within the free memory), _one evaluates one image per model call (max_batch=1);
 # each gives the same images as the variant without it (up to round-off)
-PER_SAMPLE_FORMS = "per_sample[_fd][_polyak][_checkpointed|_budget[MiB]][_one]"  # PER_SAMPLE_VARIANT, for people
-PER_SAMPLE_VARIANT = re.compile(r"per_sample(?P<fd>_fd)?(?P<polyak>_polyak)?"
+PER_SAMPLE_FORMS = "per_sample[_fd][_polyak[_step<S>][_hold<N>]][_checkpointed|_budget[MiB]][_one]"  # for people
+PER_SAMPLE_VARIANT = re.compile(r"per_sample(?P<fd>_fd)?"
+                                r"(?P<polyak>_polyak(?:_step(?P<step>\d+(?:\.\d+)?))?(?:_hold(?P<hold>\d+))?)?"
                                 r"(?P<recompute>_checkpointed|_budget(?P<mib>\d+)?)?(?P<one>_one)?")
 PER_SAMPLE = ("per_sample", "per_sample_fd", "per_sample_fd_polyak", "per_sample_polyak", "per_sample_checkpointed",
               "per_sample_polyak_checkpointed", "per_sample_polyak_checkpointed_one")
@@ -85,6 +87,10 @@ def per_sample_variant(method: str, config: MitigationConfig) -> tuple[Mitigatio
         raise ValueError(f"{method!r} is not a per_sample variant: {PER_SAMPLE_FORMS}")
     variant = config.replace(method="per_sample", gradient="finite_difference" if parts["fd"] else "autograd",
                              optimizer="polyak" if parts["polyak"] else "adamw")
+    if parts["step"]:
+        variant = variant.replace(max_step=float(parts["step"]))
+    if parts["hold"]:
+        variant = variant.replace(hold_norm_steps=int(parts["hold"]))
     recompute = parts["recompute"] or ""
     mode = "always" if recompute == "_checkpointed" else "budget" if recompute else "never"
     return variant, {"checkpointing": mode, "memory_budget": int(parts["mib"]) * 2**20 if parts["mib"] else None,

@@ -36,9 +36,20 @@ def test_a_per_sample_bench_name_runs_the_step_gradient_and_recomputation_it_nam
     assert (config.target, config.lr, config.fd_radius) == (BASE.target, BASE.lr, BASE.fd_radius)
 
 
-@pytest.mark.parametrize("name", ["per_sample_polyak_fd", "per_sample_exact_one", "per_sample_budgetx", "batch_wise"])
+def test_a_polyak_bench_name_can_set_the_largest_step_and_the_held_norm_steps():
+    config, options = perf.per_sample_variant("per_sample_polyak_step0.1_hold2_budget500", BASE)
+    assert (config.optimizer, config.max_step, config.hold_norm_steps) == ("polyak", 0.1, 2)
+    assert options["memory_budget"] == 500 * 2**20
+    plain, _ = perf.per_sample_variant("per_sample_polyak", BASE)
+    assert (plain.max_step, plain.hold_norm_steps) == (BASE.max_step, BASE.hold_norm_steps)
+    assert perf.lab_efficacy_row("per_sample_polyak_step0.1_hold2_one") == ("variants",
+                                                                           "per_sample_polyak_step0.1_hold2")
+
+
+@pytest.mark.parametrize("name", ["per_sample_polyak_fd", "per_sample_exact_one", "per_sample_budgetx", "batch_wise",
+                                  "per_sample_hold2", "per_sample_polyak_hold2_step0.1", "per_sample_polyak_step"])
 def test_a_name_outside_the_per_sample_grammar_is_refused(name):
-    with pytest.raises(ValueError, match="per_sample\\[_fd\\]\\[_polyak\\]"):
+    with pytest.raises(ValueError, match="per_sample\\[_fd\\]\\[_polyak\\[_step<S>\\]"):
         perf.per_sample_variant(name, BASE)
 
 
@@ -46,7 +57,8 @@ def test_the_lab_efficacy_a_bench_row_carries_was_measured_with_the_settings_the
     """A bench row shows the replication and alignment of a lab.json row: both must run the same config (a
     checkpointed or one-image-per-call bench variant gives the images of the lab variant without it)."""
     lab = {m.label: m for m in variant_methods()}
-    names = [*perf.METHODS, "per_sample_fd_checkpointed_one", "per_sample_polyak_budget500"]
+    names = [*perf.METHODS, "per_sample_fd_checkpointed_one", "per_sample_polyak_budget500",
+             "per_sample_polyak_step0.1_hold2", "per_sample_polyak_step0.1_hold2_budget500"]
     assert perf.lab_efficacy_row("auto_safe") is None and perf.lab_efficacy_row("plain") == ("main", "no mitigation")
     for name in names:
         section, label = perf.lab_efficacy_row(name) or ("", "")

@@ -92,6 +92,7 @@ def sweep_methods() -> dict[str, list[Method]]:
 # paper-exact method (AdamW on autograd gradients, one image at a time) against the faster ones, same target.
 FD_RADIUS = 0.2  # the SD default 1.0 scaled to the lab's 768 elements (sqrt(768 / 16384) = 0.22)
 POLYAK_MAX_STEPS = (0.01, 0.03, 0.1)  # around the default 0.05: what the cap on Polyak's step buys and costs
+HELD_NORM = {"max_step": 0.1, "hold_norm_steps": 2}  # the held-norm variant's step (README, "Held norm")
 
 
 def variant_methods() -> list[Method]:
@@ -115,6 +116,8 @@ def variant_methods() -> list[Method]:
                    lab_config("per_sample", optimizer="polyak", max_step=s), sweep=f"max_step={s:g}")
             for s in POLYAK_MAX_STEPS
         ],
+        Method("per_sample_polyak_step0.1_hold2", "per_sample", lab_config("per_sample", optimizer="polyak",
+                                                                            **HELD_NORM)),
     ]
 
 
