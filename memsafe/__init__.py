@@ -21,7 +21,7 @@ from .methods import (
 )
 from .sampling import CFGDenoiser
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "NOISE_RMS_LIMIT",

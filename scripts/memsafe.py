@@ -24,7 +24,9 @@ COSTS = {
                   "same VRAM), then the first steps sample without the prompt.",
     "per_sample": "Per-sample: gradient steps with backprop through the UNet until each image reaches its target; "
                   "the strongest protection. The default Polyak step needs about 3 of them (about +11% time at 50 "
-                  "steps, measured on a CPU); the paper's AdamW (Advanced) about 20 (paper: +51% time, +172% VRAM).",
+                  "steps, measured on a CPU); with 2 Polyak steps that keep the noise's norm and a largest step of 0.1 "
+                  "(Advanced) about 2.6, a little weaker on the hardest copies; the paper's AdamW (Advanced) about "
+                  "20 (paper: +51% time, +172% VRAM).",
 }
 FIELD_LABELS = {
     "rho": ("Rho (batch-wise probe radius)", 0.1, 200.0, 0.1),
