@@ -523,6 +523,10 @@ def test_xyz_axis_values_override_the_arguments(host, sd_model, script):
     webui.run_job(p)
     assert MitigationConfig.from_string(p.extra_generation_params["MemSafe"]).optimizer == "adamw"
     p = make_p(sd_model, script, on("per_sample"), batch_size=1)
+    p.memsafe_hold_norm_steps = 2  # the held-norm axis
+    webui.run_job(p)
+    assert MitigationConfig.from_string(p.extra_generation_params["MemSafe"]).hold_norm_steps == 2
+    p = make_p(sd_model, script, on("per_sample"), batch_size=1)
     p.memsafe_enabled = "false"
     webui.run_job(p)
     assert p.extra_generation_params == {}
@@ -531,12 +535,13 @@ def test_xyz_axis_values_override_the_arguments(host, sd_model, script):
 def test_infotext_round_trip_restores_the_exact_config(host, sd_model, script):
     components = script.ui(False)
     assert len(components) == len(ARG_NAMES)
-    p, processed = run(sd_model, script, on("per_sample", lr=0.0123, target=0.5), batch_size=1)
+    p, processed = run(sd_model, script, on("per_sample", lr=0.0123, target=0.5, hold_norm_steps=3), batch_size=1)
     pasted = {"MemSafe": p.extra_generation_params["MemSafe"]}
     args = [read(pasted) for _, read in script.infotext_fields]
     restored = parse_script_args(args).resolve("sd1")
     assert restored == MitigationConfig.from_string(p.extra_generation_params["MemSafe"])
     assert restored.lr == 0.0123 and restored.target == 0.5 and restored.method == "per_sample"
+    assert restored.hold_norm_steps == 3
     assert [read({}) for _, read in script.infotext_fields][0] is False  # no MemSafe in the infotext: off
 
 
