@@ -412,8 +412,8 @@ def polyak_step_(z: Tensor, grad: Tensor, norms: Tensor, active: Tensor, steps: 
 
 
 def _row_norms(z: Tensor) -> Tensor:
-    """``||z_i||`` per image, accumulated and returned in float32 (a half-precision sum of squares overflows at
-    65504, below an SDXL latent's 65536 unit-variance elements)."""
+    """``||z_i||`` per image, accumulated and returned in float32 whatever ``z``'s dtype: the held step divides
+    two of them, and a half-precision squared sum of an SDXL latent (65536 unit-variance elements) overflows."""
     return torch.linalg.vector_norm(z.flatten(1), dim=1, dtype=torch.float32)
 
 

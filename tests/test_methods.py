@@ -511,3 +511,14 @@ def test_hold_norm_steps_holds_the_noise_norm_through_the_first_steps_of_adjust_
     torch.testing.assert_close(adjust_noise(z, g, MitigationConfig(**adamw)).z,
                                adjust_noise(z, g, MitigationConfig(**{**adamw, "hold_norm_steps": 0})).z,
                                rtol=0, atol=0)
+
+
+def test_a_held_polyak_step_keeps_a_half_precision_sdxl_size_latents_norm():
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(2, 4, 128, 128, generator=gen).half()  # 65536 elements: its squared norm exceeds fp16's max
+    grad = torch.randn(2, 4, 128, 128, generator=gen).half()
+    before = z.float().flatten(1).norm(dim=1)
+    memsafe.methods.polyak_step_(z, grad, torch.tensor([50.0, 50.0]), torch.tensor([True, True]),
+                                 torch.zeros(2, dtype=torch.long), aim=1.0, max_rms_step=0.1, hold_norm_steps=1)
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z.float().flatten(1).norm(dim=1), before, rtol=2e-3, atol=0)
