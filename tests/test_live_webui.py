@@ -100,6 +100,22 @@ def test_auto_adjusts_above_its_threshold_and_leaves_the_images_below_it_as_they
     assert all(r.startswith("none ") for r in per_image_results(info, 2)) and left == plain
 
 
+def test_the_held_norm_applies_with_a_preset_in_both_argument_forms():
+    """hold_norm_steps is set by no preset: it counts with preset sd1, by name and in its positional slot."""
+    with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
+        order = json.loads(response.read())["arg_order"]
+    named = {"enabled": True, "method": "per_sample", "preset": "sd1", "max_iterations": 2}
+    positional = [named.get(name) for name in order]
+    positional[order.index("hold_norm_steps")] = 2
+    free, _ = generated({**named, "target": 0.0}, seed=41)
+    for args in ([{**named, "target": 0.0, "hold_norm_steps": 2}], positional):
+        images, info = generated(None, seed=41, alwayson_scripts={"memsafe": {"args": args}})
+        assert all("hold_norm_steps=2" in text for text in info["infotexts"]), info["infotexts"][0]
+        # positional with a preset: only the preset-free slots count, so max_iterations 2 is the preset's cap there
+        if args is not positional:  # target 0: every image takes both steps, held, so it differs from free steps
+            assert all(r.split(" it ")[1].startswith("2") for r in per_image_results(info, 2)) and images != free
+
+
 def webui_host() -> str:
     """"a1111" or "forge", as MemSafe's info route says."""
     with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
