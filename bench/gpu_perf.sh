@@ -59,14 +59,20 @@ if [ $LEFT -gt 60 ]; then
 else
   note "sdxl: skipped (${LEFT} s left)"
 fi
-# the batch-wise adjustment the same way (its preset's iterations), after SDXL, which matters more, if time is left
-LEFT=$((570 - ($(date +%s) - START)))
-if [ $LEFT -gt 30 ]; then
-  step adjust_batch_wise $((LEFT < 60 ? LEFT : 60)) "$PY" -m bench adjust "${ADJUST[@]}" --method batch_wise \
-    || FAILED=1
-else
-  note "adjust_batch_wise: skipped (${LEFT} s left)"
-fi
+# after SDXL, which matters more, if time is left: the batch-wise adjustment the same way (its preset's
+# iterations), and the opt-in held norm at the 2 iterations it takes on most lab images (README, Held norm)
+adjust_if_time_left() {  # name, then bench adjust's own arguments
+  local name=$1 left=$((570 - ($(date +%s) - START)))
+  shift
+  if [ $left -gt 30 ]; then
+    step "$name" $((left < 60 ? left : 60)) "$PY" -m bench adjust "${ADJUST[@]}" "$@" || FAILED=1
+  else
+    note "$name: skipped (${left} s left)"
+  fi
+}
+adjust_if_time_left adjust_batch_wise --method batch_wise
+adjust_if_time_left adjust_per_sample_polyak_step0.1_hold2 --target-ratio 0.01 --max-iterations 2 \
+  --method per_sample_polyak_step0.1_hold2
 grep -h "time x" "$OUT"/sd15.log "$OUT"/sdxl.log 2>/dev/null | tee -a "$SUMMARY"
 grep -h "MiB\|profile\|its forward" "$OUT"/saved.log 2>/dev/null | tee -a "$SUMMARY"
 grep -h "bench adjust\|predicted" "$OUT"/adjust_*.log 2>/dev/null | tee -a "$SUMMARY"

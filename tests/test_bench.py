@@ -328,7 +328,7 @@ def test_every_command_of_the_gpu_script_parses(capsys, tmp_path):
 
     steps = _dry_run_steps("gpu_perf.sh", tmp_path)
     assert list(steps) == ["sd15", "saved", "adjust_per_sample_polyak", "adjust_per_sample_polyak_checkpointed",
-                           "sdxl", "adjust_batch_wise"], steps
+                           "sdxl", "adjust_batch_wise", "adjust_per_sample_polyak_step0.1_hold2"], steps
     assert all(words[:2] == ["-m", "bench"] for words in steps.values()), steps
     commands = [words[2:] for words in steps.values()]
     assert all("--out" not in c or c[c.index("--out") + 1] == str(tmp_path) for c in commands), commands
@@ -338,7 +338,9 @@ def test_every_command_of_the_gpu_script_parses(capsys, tmp_path):
         # no --device: the default, the GPU where torch sees one (gpu_lib.sh picks such a python)
         assert args.dtype == "float16" and ("--device" not in command or args.device == "cuda"), command
     assert {c[c.index("--method") + 1] for c in commands if c[0] == "adjust"} == {
-        "per_sample_polyak", "per_sample_polyak_checkpointed", "batch_wise"}
+        "per_sample_polyak", "per_sample_polyak_checkpointed", "batch_wise", "per_sample_polyak_step0.1_hold2"}
+    held = adjust.parse_args(steps["adjust_per_sample_polyak_step0.1_hold2"][3:])
+    assert held.max_iterations == 2 and held.target_ratio == 0.01, held  # the 2 iterations most lab images take
     assert saved.parse_args(next(c for c in commands if c[0] == "saved")[1:]).profile == 3
     with pytest.raises(SystemExit):
         perf.parse_args(["--methods", "plain,per_sample_nonsense"])
