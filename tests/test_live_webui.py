@@ -103,8 +103,7 @@ def test_auto_adjusts_above_its_threshold_and_leaves_the_images_below_it_as_they
 
 def test_the_held_norm_applies_with_a_preset_in_both_argument_forms():
     """hold_norm_steps is set by no preset: it counts with preset sd1, by name and in its positional slot."""
-    with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
-        order = json.loads(response.read())["arg_order"]
+    order = memsafe_info()["arg_order"]
     named = {"enabled": True, "method": "per_sample", "preset": "sd1", "max_iterations": 2}
     free, _ = generated({**named, "target": 0.0}, seed=41)
     held, info = generated({**named, "target": 0.0, "hold_norm_steps": 2}, seed=41)
@@ -136,10 +135,15 @@ def interrupted_after(seconds: float, request: Callable[[], tuple[int, Any]]) ->
     return done["response"]
 
 
+def memsafe_info() -> dict[str, Any]:
+    """What MemSafe's info route answers (version, host, arg_order)."""
+    with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
+        return json.loads(response.read())
+
+
 def webui_host() -> str:
     """"a1111" or "forge", as MemSafe's info route says."""
-    with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
-        return json.loads(response.read())["host"]
+    return memsafe_info()["host"]
 
 
 def test_hires_fix_keeps_working():
@@ -161,8 +165,7 @@ def test_bad_requests_are_refused_before_the_job_naming_the_field(memsafe, field
 
 
 def test_info_and_risk_routes():
-    with urllib.request.urlopen(URL + "/memsafe/v1/info", timeout=60) as response:
-        info = json.loads(response.read())
+    info = memsafe_info()
     assert info["version"] and info["arg_order"][0] == "enabled"
     status, risk = post("/memsafe/v1/risk", {"prompt": "a red circle", "seeds": [1, 2], "width": 128, "height": 128})
     assert status == 200 and len(risk["risk"]) == 2 and len(risk["at_risk"]) == 2
